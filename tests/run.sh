@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs what the tests need (CPU torch first, so nothing pulls the CUDA build), then runs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+# open_clip_torch ships the real CLIP BPE vocabulary and OpenCLIP's reference tokenizer; --no-deps
+# because its dependencies (torchvision) have no CPU build here and the tests never import it.
+python -m pip install -q --no-deps open_clip_torch
+python -m pytest -q "$@"
