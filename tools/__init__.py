@@ -1,0 +1,1 @@
+"""Command-line tools around the pipeline (metrics, checks); each module is runnable with python -m."""
