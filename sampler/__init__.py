@@ -1,0 +1,25 @@
+"""DDIM sampling and inversion for the SD-2.1 schedule: pure tensor math, models come in as functions."""
+
+from sampler.schedule import Schedule
+from sampler.ddim import (
+    add_noise,
+    classifier_free_guidance,
+    ddim_inversion_step,
+    ddim_step,
+    invert,
+    predict_x0_and_eps,
+    sample,
+    sdedit_start,
+)
+
+__all__ = [
+    "Schedule",
+    "add_noise",
+    "classifier_free_guidance",
+    "ddim_inversion_step",
+    "ddim_step",
+    "invert",
+    "predict_x0_and_eps",
+    "sample",
+    "sdedit_start",
+]
