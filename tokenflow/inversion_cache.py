@@ -1,0 +1,270 @@
+"""On-disk cache of DDIM-inverted latents, one safetensors file per frame.
+
+Inversion is the slow, edit-independent half of TokenFlow: every prompt edit of the same clip
+reuses it. So the latents of each frame at the kept timesteps are stored under a key that hashes
+everything they depend on (clip bytes, selected frames, size, model, steps, kept timesteps,
+inversion prompt). A frame is written atomically (temp file + rename) the moment it is done, so a
+run that crashes leaves only whole files and the rerun recomputes just the missing frames. A file
+that is nevertheless unreadable (truncated by a full disk, copied half-way) counts as missing, with
+a warning, rather than stopping the run.
+
+Layout:  <root>/<key>/meta.json                  the key fields, as JSON
+         <root>/<key>/frame_00000.safetensors    {"t981": [4, h, w], "t961": ..., ...} + metadata
+Root:    $TOKENFLOW_CACHE, else ~/.cache/tokenflow/inversions
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from .checkpoint import safetensors_header
+from .video import image_files
+
+KEY_LENGTH = 16  # hex chars of sha256: 64 bits, plenty for one user's cache
+CHUNK = 1 << 20
+
+
+class CacheError(ValueError):
+    """An inversion cache that cannot be used as asked; the message names the file."""
+
+
+def default_cache_root() -> Path:
+    env = os.environ.get("TOKENFLOW_CACHE", "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tokenflow" / "inversions"
+
+
+def video_digest(path: Path | str) -> str:
+    """sha256 hex of a video file's bytes, or of a folder's frames (each file's name and bytes).
+
+    For a folder the files are the ones `read_video` reads (png/jpg in name order), so renaming,
+    adding or editing a frame changes the digest, while an unrelated README does not.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such video file or image folder")
+    h = hashlib.sha256()
+    files = image_files(path) if path.is_dir() else [path]
+    if path.is_dir() and not files:
+        raise ValueError(f"{path}: folder holds no images to digest")
+    for file in files:
+        if path.is_dir():
+            # name and length first so ("a", "bc") and ("ab", "c") cannot hash the same
+            h.update(file.name.encode() + b"\0" + file.stat().st_size.to_bytes(8, "little"))
+        with open(file, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def key_fields(
+    *, video_digest: str, indices: list[int], size: tuple[int, int], model_id: str,
+    inversion_steps: int, keep_timesteps: list[int], prompt: str, extra: dict | None = None,
+) -> dict:
+    """The cache key's fields as one canonical, JSON-ready dict (validated)."""
+    def ints(values, what):
+        values = list(values)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{what} must be ints, got {values!r}")
+        return values
+
+    if not isinstance(video_digest, str) or not video_digest:
+        raise ValueError(f"video_digest must be a non-empty string, got {video_digest!r}")
+    size = ints(size, "size")
+    if len(size) != 2:
+        raise ValueError(f"size must be (height, width), got {size!r}")
+    if not isinstance(inversion_steps, int) or inversion_steps < 1:
+        raise ValueError(f"inversion_steps must be an int >= 1, got {inversion_steps!r}")
+    fields = {
+        "video_digest": video_digest,
+        "indices": ints(indices, "indices"),
+        "size": size,
+        "model_id": str(model_id),
+        "inversion_steps": inversion_steps,
+        "keep_timesteps": sorted(ints(keep_timesteps, "keep_timesteps")),
+        "prompt": str(prompt),
+        "extra": dict(extra or {}),
+    }
+    try:
+        json.dumps(fields, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cache key fields must be JSON-serialisable ({e}); extra={extra!r}") from None
+    return fields
+
+
+def cache_key(
+    *, video_digest: str, indices: list[int], size: tuple[int, int], model_id: str,
+    inversion_steps: int, keep_timesteps: list[int], prompt: str, extra: dict | None = None,
+) -> str:
+    """A short sha256 hex naming the inversion of exactly this clip, selection, size and model."""
+    fields = key_fields(
+        video_digest=video_digest, indices=indices, size=size, model_id=model_id,
+        inversion_steps=inversion_steps, keep_timesteps=keep_timesteps, prompt=prompt, extra=extra,
+    )
+    return _hash_fields(fields)
+
+
+def _hash_fields(fields: dict) -> str:
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:KEY_LENGTH]
+
+
+class InversionCache:
+    """The cached latents of one key: `has`, `load`, `save` per frame, `missing`, `clear`.
+
+    `fields` (from `key_fields`) are written to meta.json and into every frame file; when they are
+    known, a frame file counts as present only if it holds every kept timestep. Frame numbers `i`
+    are whatever the caller uses consistently (the pipeline uses the position in the selection;
+    the key already pins which source frames those are).
+    """
+
+    def __init__(self, root: Path | str | None, key: str, fields: dict | None = None):
+        if not isinstance(key, str) or not key or not all(ch.isalnum() or ch in "-_" for ch in key):
+            raise ValueError(f"cache key must be a non-empty [A-Za-z0-9_-] string (a folder name), got {key!r}")
+        if fields is not None and _hash_fields(fields) != key:
+            raise ValueError(f"cache key {key} does not match its fields (their key is {_hash_fields(fields)})")
+        self.root = default_cache_root() if root is None else Path(root)
+        self.key = key
+        self.dir = self.root / key
+        self._fields = fields
+
+    @classmethod
+    def for_run(cls, root: Path | str | None = None, **fields) -> InversionCache:
+        """The cache for these key fields (same keywords as `cache_key`)."""
+        canonical = key_fields(**fields)
+        return cls(root, _hash_fields(canonical), canonical)
+
+    @property
+    def fields(self) -> dict | None:
+        """The key fields: given, or read back from meta.json; None when neither."""
+        if self._fields is None and (self.dir / "meta.json").is_file():
+            try:
+                self._fields = json.loads((self.dir / "meta.json").read_text())["fields"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                warnings.warn(f"{self.dir / 'meta.json'}: unreadable, ignoring it", stacklevel=2)
+        return self._fields
+
+    def frame_path(self, i: int) -> Path:
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise ValueError(f"frame number must be an int >= 0, got {i!r}")
+        return self.dir / f"frame_{i:05d}.safetensors"
+
+    # ------------------------------------------------------------------ queries
+
+    def has(self, i: int) -> bool:
+        """True when frame i's file exists and is whole; a broken file warns and counts as missing."""
+        path = self.frame_path(i)
+        if not path.is_file():
+            return False
+        try:
+            self._check_file(path)
+        except CacheError as e:
+            warnings.warn(f"{e}; treating frame {i} as missing, it will be recomputed", stacklevel=2)
+            return False
+        return True
+
+    def missing(self, frames: list[int]) -> list[int]:
+        """The frames of `frames` that have no usable file (in the given order)."""
+        return [i for i in frames if not self.has(i)]
+
+    def load(self, i: int, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[int, torch.Tensor]:
+        """{timestep: latent [4, h, w]} of frame i, by increasing timestep."""
+        from safetensors import safe_open
+
+        path = self.frame_path(i)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: frame {i} is not in the inversion cache {self.dir}")
+        names = self._check_file(path)
+        out = {}
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for name in names:
+                    t = f.get_tensor(name)
+                    out[int(name[1:])] = t if dtype is None else t.to(dtype)
+        except Exception as e:  # the safetensors library raises its own (Rust) error types
+            raise CacheError(f"{path}: unreadable inversion cache file ({e})") from None
+        return dict(sorted(out.items()))
+
+    def _check_file(self, path: Path) -> list[str]:
+        """The tensor names of a whole file of this key, or CacheError saying what is wrong."""
+        from safetensors import safe_open
+
+        try:
+            header = safetensors_header(path)
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception as e:
+            raise CacheError(f"{path}: corrupt or truncated inversion cache file ({e})") from None
+        if metadata.get("key") != self.key:
+            raise CacheError(f"{path}: belongs to cache key {metadata.get('key')!r}, not {self.key}")
+        names = [n for n in header if n.startswith("t") and n[1:].isdigit()]
+        if len(names) != len(header) or not names:
+            raise CacheError(f"{path}: expected tensors named t<timestep>, found {sorted(header)}")
+        fields = self.fields
+        if fields is not None:
+            absent = sorted(set(fields["keep_timesteps"]) - {int(n[1:]) for n in names})
+            if absent:
+                raise CacheError(f"{path}: lacks kept timestep(s) {absent}")
+        return names
+
+    # ------------------------------------------------------------------ writes
+
+    def save(self, i: int, latents: dict[int, torch.Tensor]) -> Path:
+        """Write frame i's {timestep: latent [4, h, w]} atomically (temp file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = self.frame_path(i)
+        if not isinstance(latents, dict) or not latents:
+            raise ValueError(f"latents for frame {i} must be a non-empty {{timestep: tensor}} dict")
+        shapes = set()
+        for t, z in latents.items():
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise ValueError(f"frame {i}: timestep keys must be ints >= 0, got {t!r}")
+            if not isinstance(z, torch.Tensor) or z.ndim != 3:
+                raise ValueError(f"frame {i}, t={t}: latent must be a tensor [4, h, w], got {getattr(z, 'shape', type(z))}")
+            shapes.add(tuple(z.shape))
+        if len(shapes) > 1:
+            raise ValueError(f"frame {i}: latents of different shapes {sorted(shapes)}")
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write_meta()
+        tensors = {f"t{t}": z.detach().to("cpu").contiguous() for t, z in sorted(latents.items())}
+        metadata = {"key": self.key, "frame": str(i)}
+        if self.fields is not None:
+            metadata["fields"] = json.dumps(self.fields, sort_keys=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    def _write_meta(self) -> None:
+        """Write meta.json unless it already says the same; refuse one that describes other fields."""
+        meta_path = self.dir / "meta.json"
+        fields = self.fields  # given, or what meta.json already holds
+        try:
+            old = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        except json.JSONDecodeError:
+            old = None  # a broken meta.json is simply rewritten
+        if isinstance(old, dict) and old.get("key") == self.key:
+            if old.get("fields") == fields or fields is None:
+                return
+            if old.get("fields") is not None:
+                raise CacheError(f"{meta_path}: describes other key fields than this run's; remove {self.dir}")
+        tmp = meta_path.with_name(f"meta.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": self.key, "fields": fields}, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, meta_path)
+
+    def clear(self) -> None:
+        """Delete every cached frame of this key (for a forced re-inversion)."""
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
