@@ -1,0 +1,189 @@
+"""The TokenFlow sampling loop (paper Alg. 1), on latents. I/O-free: see pipeline.py for video in/out.
+
+At each denoising step t (Alg. 1):
+  1. sample keyframe indices (keyframes.py);
+  2. keyframe pass: the keyframes alone, edited jointly with extended attention (Eq. 3-4), recording
+     T_base and the original video's self-attention inputs at every self-attention layer;
+  3. propagation pass: all frames in batches; each self-attention layer of the edited branches
+     outputs Eq. 6 of the recorded tokens through the NN field (Eq. 5) of the original features;
+  4. DDIM step of every frame with classifier-free guidance.
+The editing technique (PnP-Diffusion or SDEdit) acts through the same passes (controls.py).
+
+Modes (the paper's ablations, `tokenflow.mode=`): `tokenflow` (default), `fixed_keyframes` (same
+evenly spaced keyframes every step), `per_frame` (the editing technique on each frame alone) and
+`extended_all` ("w/o TokenFlow": extended attention across all frames, no propagation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from sampler.ddim import add_noise, classifier_free_guidance, ddim_step
+from sampler.schedule import Schedule
+from unet.model import UNet
+
+from .controls import EditControl, KeyframeTokens, PnPInjection, Propagation
+from .keyframes import fixed_keyframes, random_keyframes
+from .propagation import Neighbours, keyframe_neighbours
+
+MODES = ("tokenflow", "fixed_keyframes", "per_frame", "extended_all")
+METHODS = ("pnp", "sdedit")
+
+# PnP-Diffusion's injection layers for SD-2.1 (sd21.md): decoder self-attention q/k, one resnet.
+PNP_QK_LAYERS = (
+    "up_blocks.1.attentions.1", "up_blocks.1.attentions.2",
+    "up_blocks.2.attentions.0", "up_blocks.2.attentions.1", "up_blocks.2.attentions.2",
+    "up_blocks.3.attentions.0", "up_blocks.3.attentions.1", "up_blocks.3.attentions.2",
+)
+PNP_FEATURE_LAYERS = ("up_blocks.1.resnets.1",)
+
+
+@dataclass
+class EditSettings:
+    mode: str = "tokenflow"
+    method: str = "pnp"
+    guidance_scale: float = 7.5
+    keyframe_interval: int = 8
+    weighting: str = "sigmoid"  # Eq. 7 as printed; "linear": w = d- / (d+ + d-)
+    batch_size: int = 8  # frames per forward in the propagation / per-frame passes
+    seed: int = 0
+    pnp_qk_fraction: float = 0.5  # q/k injection for the first 50% of steps
+    pnp_feature_fraction: float = 0.8  # residual feature injection for the first 80%
+    pnp_qk_layers: tuple[str, ...] = PNP_QK_LAYERS
+    pnp_feature_layers: tuple[str, ...] = PNP_FEATURE_LAYERS
+    sdedit_strength: float = 0.6
+    query_chunk: int | None = None  # bound the extended attention's score matrix (None: SDPA decides)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"tokenflow.mode must be one of {MODES}, got {self.mode!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.batch_size < 1 or self.keyframe_interval < 1:
+            raise ValueError(f"batch_size and keyframe_interval must be >= 1, got {self.batch_size}, {self.keyframe_interval}")
+        for name in ("pnp_qk_fraction", "pnp_feature_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        self.pnp_qk_layers, self.pnp_feature_layers = tuple(self.pnp_qk_layers), tuple(self.pnp_feature_layers)
+
+    def injection(self, step: int, n_steps: int) -> PnPInjection:
+        """PnP injects for the first fraction of the steps; SDEdit never."""
+        if self.method != "pnp":
+            return PnPInjection()
+        return PnPInjection(
+            qk_layers=self.pnp_qk_layers if step < int(n_steps * self.pnp_qk_fraction) else (),
+            feature_layers=self.pnp_feature_layers if step < int(n_steps * self.pnp_feature_fraction) else (),
+        )
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text embeddings [1, 77, C] of the three branches."""
+
+    source: Tensor  # the inversion prompt (often empty): conditions the original video's branch
+    negative: Tensor  # unconditional branch of classifier-free guidance
+    target: Tensor  # the edit prompt
+
+
+@dataclass
+class EditRecord:
+    keyframes: list[list[int]] = field(default_factory=list)  # per step
+    timesteps: list[int] = field(default_factory=list)
+
+
+def edit_start(
+    settings: EditSettings, schedule: Schedule, timesteps: list[int], source_latents: dict[int, Tensor],
+    clean_latents: Tensor,
+) -> tuple[Tensor, list[int]]:
+    """Where sampling starts. PnP: the inverted latents x_T of the original video (all steps).
+    SDEdit: the clean latents noised to the strength's timestep, one noise map shared by every
+    frame (seeded), so the frames start alike; the remaining steps follow."""
+    if settings.method == "pnp":
+        return source_latents[timesteps[0]].clone(), list(timesteps)
+    n = len(timesteps)
+    n_run = int(n * settings.sdedit_strength)
+    if not 0.0 < settings.sdedit_strength <= 1.0 or n_run == 0:
+        raise ValueError(f"sdedit strength {settings.sdedit_strength} leaves no step of {n}; use a value in (0, 1]")
+    remaining = list(timesteps[n - n_run:])
+    g = torch.Generator().manual_seed(settings.seed + 1)
+    noise = torch.randn((1, *clean_latents.shape[1:]), generator=g).to(clean_latents)
+    return add_noise(schedule, clean_latents, noise.expand_as(clean_latents), remaining[0]), remaining
+
+
+def guided_output(
+    unet: UNet, edited: Tensor, source: Tensor, t: int, prompts: PromptEmbeddings, control: EditControl, scale: float,
+) -> Tensor:
+    """One UNet forward over [source | unconditional | conditional] x F frames -> guided output [F, ...]."""
+    f = edited.shape[0]
+    x = torch.cat([source, edited, edited])  # [3F, 4, h, w]
+    context = torch.cat([prompts.source.expand(f, -1, -1), prompts.negative.expand(f, -1, -1), prompts.target.expand(f, -1, -1)])
+    _, uncond, cond = unet(x, t, context.to(x.dtype), control).chunk(3)
+    return classifier_free_guidance(uncond, cond, scale)
+
+
+def batches(n: int, size: int) -> list[list[int]]:
+    return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+def _subset(n: Neighbours, frames: list[int]) -> Neighbours:
+    return Neighbours(past=n.past[frames], future=n.future[frames], w=n.w[frames])
+
+
+@torch.no_grad()
+def edit_video_latents(
+    unet: UNet, schedule: Schedule, settings: EditSettings, prompts: PromptEmbeddings,
+    source_latents: dict[int, Tensor], clean_latents: Tensor, timesteps: list[int],
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> tuple[Tensor, EditRecord]:
+    """Alg. 1 on latents. source_latents: {t: [n, 4, h, w]} the inverted original video at every
+    sampling timestep; clean_latents: [n, 4, h, w]. Returns the edited clean latents and a record."""
+    n = clean_latents.shape[0]
+    latents, timesteps = edit_start(settings, schedule, timesteps, source_latents, clean_latents)
+    missing = [t for t in timesteps if t not in source_latents]
+    if missing:
+        raise ValueError(f"edit: no inverted latents for timesteps {missing[:5]}")
+    generator = torch.Generator().manual_seed(settings.seed)
+    record = EditRecord()
+    steps = range(len(timesteps)) if progress is None else progress(range(len(timesteps)))
+    for step in steps:
+        t = timesteps[step]
+        t_prev = timesteps[step + 1] if step + 1 < len(timesteps) else -1
+        source = source_latents[t].to(latents)
+        pnp = settings.injection(step, len(timesteps))
+        record.timesteps.append(int(t))
+
+        def denoise(frames: list[int], control: EditControl) -> Tensor:
+            out = guided_output(unet, latents[frames], source[frames], t, prompts, control, settings.guidance_scale)
+            return ddim_step(schedule, out, t, t_prev, latents[frames])
+
+        new = torch.empty_like(latents)
+        if settings.mode in ("tokenflow", "fixed_keyframes"):
+            if settings.mode == "tokenflow":
+                keyframes = random_keyframes(n, settings.keyframe_interval, generator)
+            else:
+                keyframes = fixed_keyframes(n, settings.keyframe_interval)
+            record.keyframes.append(keyframes)
+            # (I) keyframe pass: joint edit with extended attention; only the recorded tokens are kept
+            tokens = KeyframeTokens(keyframes)
+            control = EditControl(len(keyframes), pnp=pnp, joint_frames=len(keyframes), record=tokens, query_chunk=settings.query_chunk)
+            guided_output(unet, latents[keyframes], source[keyframes], t, prompts, control, settings.guidance_scale)
+            # (II) propagation pass over every frame, keyframes included
+            neighbours = keyframe_neighbours(list(range(n)), keyframes, settings.weighting)
+            for frames in batches(n, settings.batch_size):
+                propagation = Propagation(tokens, _subset(neighbours, frames))
+                new[frames] = denoise(frames, EditControl(len(frames), pnp=pnp, propagation=propagation))
+            del tokens
+        elif settings.mode == "per_frame":
+            for frames in batches(n, settings.batch_size):
+                new[frames] = denoise(frames, EditControl(len(frames), pnp=pnp))
+        else:  # extended_all: every frame attends to every frame; memory grows with n^2 on CPU
+            frames = list(range(n))
+            new[:] = denoise(frames, EditControl(n, pnp=pnp, joint_frames=n, query_chunk=settings.query_chunk))
+        if not torch.isfinite(new).all():
+            raise FloatingPointError(f"edit: non-finite latents at step {step} (t={t}); try float32 or a lower guidance scale")
+        latents = new
+    return latents, record
