@@ -1,0 +1,242 @@
+"""An edit from video file to video files: read, encode, invert (cached), edit, decode, write.
+
+`run_edit(cfg, out_dir)` takes the resolved Hydra config (see conf/config.yaml) as a plain dict-like
+object. Everything that can be checked cheaply (video, size, prompts, settings) is checked before
+the models run; outputs are written atomically at the end, so a failed run leaves no video behind.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .edit import EditSettings, PromptEmbeddings, edit_video_latents
+from .inversion import decode_latents, encode_frames, invert_frames
+from .inversion_cache import InversionCache, video_digest
+from .video import Video, fit_to_size, from_model_range, read_video, side_by_side, to_model_range, write_png_frames, write_video
+
+RECONSTRUCTION = "reconstruction"  # Table 1's "LDM recon.": encode and decode only, no edit
+
+
+@dataclass
+class RunFacts:
+    video: str
+    frames: int
+    source_indices: list[int]
+    size: list[int]  # [H, W]
+    fps: str
+    notes: list[str]
+    model: str
+    mode: str
+    method: str
+    prompt: str
+    device: str
+    dtype: str
+    timings_s: dict[str, float] = field(default_factory=dict)
+    seconds_per_frame: dict[str, float] = field(default_factory=dict)
+    keyframes_per_step: list[list[int]] = field(default_factory=list)
+    timesteps: list[int] = field(default_factory=list)
+    inversion_cache: str | None = None
+    inversion_frames_reused: int = 0
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name}: CUDA is not available on this machine; use device=cpu")
+    return name
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be auto or one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def load_video(cfg, out_dir: Path) -> Video:
+    v = cfg["video"]
+    path = v["path"]
+    if path == "sample":  # the project's own generated clip, so a fresh clone has something to edit
+        from .sample_clip import make_sample_clip
+
+        path = make_sample_clip(out_dir / "sample_input.mp4")
+    video = read_video(path, start=v["start"], end=v["end"], stride=v["stride"], max_frames=v["max_frames"])
+    size = v["size"]  # None, an int (short side) or [H, W] (a ListConfig from Hydra)
+    if size is not None and not isinstance(size, int):
+        size = tuple(size)
+    return fit_to_size(video, size)
+
+
+def check_prompt(prompt, what: str) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{what} is empty: say what the edit should make of the video, e.g. prompt=\"a marble sculpture of a wolf\"")
+    return prompt
+
+
+def load_model_bundle(cfg, device: str, dtype: torch.dtype):
+    m = cfg["model"]
+    if m["source"] == "tiny":
+        from .tiny import build_tiny_models
+
+        return build_tiny_models(seed=m.get("seed", 0), dtype=dtype, device=device)
+    from .loading import load_models
+
+    return load_models(m["source"], dtype=dtype, device=device, variant=m.get("variant"), prediction_type=m.get("prediction_type"))
+
+
+def edit_settings(cfg) -> EditSettings:
+    tf, method = cfg["tokenflow"], cfg["method"]
+    return EditSettings(
+        mode=tf["mode"], method=method["name"], guidance_scale=cfg["guidance_scale"],
+        keyframe_interval=tf["keyframe_interval"], weighting=tf["weighting"], batch_size=tf["batch_size"],
+        seed=cfg["seed"], query_chunk=tf["query_chunk"],
+        pnp_qk_fraction=method.get("qk_fraction", 0.5), pnp_feature_fraction=method.get("feature_fraction", 0.8),
+        pnp_qk_layers=tuple(method.get("qk_layers", EditSettings.pnp_qk_layers)),
+        pnp_feature_layers=tuple(method.get("feature_layers", EditSettings.pnp_feature_layers)),
+        sdedit_strength=method.get("strength", 0.6),
+    )
+
+
+class FrameStepBar:
+    """A tqdm bar counted in frame-steps (one frame through one denoising step), so its rate reads
+    as frames/s of a single step and its ETA covers the whole stage."""
+
+    def __init__(self, desc: str, total: int, enabled: bool):
+        self.bar = tqdm(total=total, desc=desc, unit="frame", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, k: int) -> None:
+        self.bar.update(k)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_edit(cfg, out_dir: Path | str) -> RunFacts:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    is_reconstruction = cfg["tokenflow"]["mode"] == RECONSTRUCTION
+    settings = None if is_reconstruction else edit_settings(cfg)  # validates modes and fractions early
+    prompt = cfg["prompt"] if is_reconstruction else check_prompt(cfg["prompt"], "prompt")
+    device = pick_device(cfg["device"])
+    dtype = pick_dtype(cfg["dtype"], device)
+    show = bool(cfg.get("progress", True))
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 3)
+        clock = now
+
+    video = load_video(cfg, out_dir)
+    n = video.num_frames
+    lap("read_video")
+    models = load_model_bundle(cfg, device, dtype)
+    lap("load_models")
+    facts = RunFacts(
+        video=str(video.path), frames=n, source_indices=list(video.indices), size=[video.height, video.width],
+        fps=str(video.output_fps), notes=list(video.notes), model=str(cfg["model"]["source"]),
+        mode=cfg["tokenflow"]["mode"], method=cfg["method"]["name"], prompt=prompt, device=device, dtype=str(dtype).replace("torch.", ""),
+    )
+    for note in video.notes:
+        print(f"[tokenflow] {note}", file=sys.stderr)
+
+    images = to_model_range(video.frames)
+    clean = encode_frames(models.vae, images, cfg["inversion"]["batch_size"])
+    lap("encode")
+
+    if is_reconstruction:
+        edited_latents = clean
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ids = models.tokenizer([cfg["inversion_prompt"], cfg["negative_prompt"], prompt])
+        facts.warnings += [str(w.message) for w in caught]
+        for w in caught:
+            print(f"[tokenflow] warning: {w.message}", file=sys.stderr)
+        with torch.no_grad():
+            emb = models.text_encoder(ids.to(device))
+        prompts = PromptEmbeddings(source=emb[0:1], negative=emb[1:2], target=emb[2:3])
+        schedule = models.config.schedule
+        timesteps = schedule.timesteps(cfg["steps"]).tolist()
+        inv = cfg["inversion"]
+        cache = None
+        if inv["cache"]:
+            cache = InversionCache.for_run(
+                inv["cache_dir"], video_digest=video_digest(video.path), indices=list(video.indices),
+                size=[video.height, video.width], model_id=str(cfg["model"]["source"]), inversion_steps=inv["steps"],
+                keep_timesteps=timesteps, prompt=cfg["inversion_prompt"],
+                extra={"dtype": facts.dtype, "seed": cfg["model"].get("seed", 0) if cfg["model"]["source"] == "tiny" else None},
+            )
+            if inv["force"]:
+                cache.clear()
+            facts.inversion_cache = str(cache.dir)
+        lap("encode_prompts")
+        bar = FrameStepBar("inversion", n * len([t for t in schedule.timesteps(inv["steps"]).tolist() if t <= max(timesteps)]), show)
+
+        def reused(k: int) -> None:
+            facts.inversion_frames_reused = k
+            print(f"[tokenflow] reusing cached inversion of {k}/{n} frames from {cache.dir}", file=sys.stderr)
+
+        source_latents = invert_frames(
+            models.unet, schedule, clean, prompts.source, inversion_steps=inv["steps"], keep_timesteps=timesteps,
+            batch_size=inv["batch_size"], cache=cache, on_progress=bar, on_reuse=reused,
+        )
+        bar.close()
+        lap("inversion")
+        sample_bar = FrameStepBar(f"editing ({settings.mode}, {settings.method})", n * len(timesteps), show)
+
+        def progress(steps):
+            for s in steps:
+                yield s
+                sample_bar(n)
+
+        edited_latents, record = edit_video_latents(
+            models.unet, schedule, settings, prompts, {t: x.to(device, dtype) for t, x in source_latents.items()},
+            clean, timesteps, progress=progress,
+        )
+        sample_bar.close()
+        facts.keyframes_per_step, facts.timesteps = record.keyframes, record.timesteps
+        lap("editing")
+
+    edited = from_model_range(decode_latents(models.vae, edited_latents, cfg["inversion"]["batch_size"]))
+    lap("decode")
+
+    outputs = {"edited": write_video(out_dir / "edited.mp4", edited, video.output_fps, crf=cfg["output"]["crf"])}
+    if cfg["output"]["side_by_side"]:
+        outputs["side_by_side"] = write_video(out_dir / "side_by_side.mp4", side_by_side(video.frames, edited), video.output_fps, crf=cfg["output"]["crf"])
+    if cfg["output"]["png_frames"]:
+        write_png_frames(out_dir / "frames", edited)
+        outputs["png_frames"] = out_dir / "frames"
+    lap("write")
+
+    facts.timings_s = timings
+    facts.seconds_per_frame = {k: round(v / n, 4) for k, v in timings.items() if k in ("encode", "inversion", "editing", "decode")}
+    facts.peak_memory_mb = {"cpu_rss": round(_peak_rss_mb(), 1)}
+    if device.startswith("cuda"):
+        facts.peak_memory_mb["cuda_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    facts.outputs = {k: str(v) for k, v in outputs.items()}
+    tmp = out_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(asdict(facts), indent=2))
+    tmp.replace(out_dir / "run.json")
+    return facts
