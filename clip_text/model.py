@@ -1,0 +1,191 @@
+"""The SD-2.1 text encoder: OpenCLIP ViT-H/14's text transformer, cut after its 23rd of 24 blocks.
+
+SD-2 conditions the UNet on the PENULTIMATE block's output followed by the final LayerNorm. The
+diffusers export drops the 24th block, so "last block, then final_layer_norm" here is exactly that.
+
+Attribute names follow the published transformers keys (`text_model.encoder.layers.N.self_attn.q_proj`,
+...), so filling the model is a strict walk over the file. Nothing is registered as a buffer: the
+model is built on the meta device and only parameters are filled; position ids and the causal mask
+are made on the fly.
+
+`Block` is the pre-LN transformer block shared with CLIP's image tower (same names, same maths;
+that tower uses quick_gelu and no causal mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    max_positions: int = 77
+    width: int = 1024
+    heads: int = 16
+    layers: int = 23  # of OpenCLIP's 24: SD-2 reads the penultimate block
+    mlp: int = 4096
+    act: str = "gelu"  # exact (erf) GELU; OpenAI's CLIP models use quick_gelu
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_positions", "width", "heads", "layers", "mlp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TextConfig.{name} must be a positive int, got {value!r}")
+        if self.width % self.heads:
+            raise ValueError(f"TextConfig: width {self.width} does not split into {self.heads} heads")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"TextConfig.act must be one of {ACTIVATIONS}, got {self.act!r}")
+
+    @classmethod
+    def sd21(cls) -> "TextConfig":
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "TextConfig":
+        """For tests: the real vocabulary (so the real tokenizer fits) and a toy transformer."""
+        return cls(width=32, heads=2, layers=2, mlp=37)
+
+    @classmethod
+    def from_transformers_config(cls, d: dict, *, source: str = "text_encoder/config.json") -> "TextConfig":
+        """From a transformers CLIPTextConfig dict (diffusers `text_encoder/config.json`)."""
+        required = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size")
+        missing = [k for k in required if k not in d]
+        if missing:
+            hint = " (this looks like a full CLIPConfig: pass its 'text_config')" if "text_config" in d else ""
+            raise ValueError(f"{source}: missing {', '.join(missing)}; not a CLIPTextConfig{hint}")
+        # Defaults are transformers' own for keys an old or hand-written config may leave out.
+        act = d.get("hidden_act", "quick_gelu")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported (only {', '.join(ACTIVATIONS)})")
+        return cls(
+            vocab_size=int(d.get("vocab_size", 49408)),
+            max_positions=int(d.get("max_position_embeddings", 77)),
+            width=int(d["hidden_size"]),
+            heads=int(d["num_attention_heads"]),
+            layers=int(d["num_hidden_layers"]),
+            mlp=int(d["intermediate_size"]),
+            act=act,
+            layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)),
+        )
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    # OpenAI CLIP's sigmoid approximation of GELU; models trained with it need it, not the exact one.
+    return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, causal: bool) -> Tensor:
+        b, n, c = x.shape
+        d = c // self.heads
+        # [B, N, C] -> [B, heads, N, d]
+        q, k, v = (p(x).view(b, n, self.heads, d).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        # is_causal: token i sees tokens <= i; the mask is made inside SDPA, never stored
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        # [B, heads, N, d] -> [B, N, C]
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.act = act
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        h = F.gelu(h) if self.act == "gelu" else quick_gelu(h)
+        return self.fc2(h)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp: int, act: str, eps: float):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
+        self.self_attn = SelfAttention(width, heads)
+        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp, act)
+
+    def forward(self, x: Tensor, causal: bool = False) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)  # not a buffer: see module docstring
+        return self.token_embedding(ids) + self.position_embedding(positions)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp, cfg.act, cfg.layer_norm_eps) for _ in range(cfg.layers)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.layers:
+            x = block(x, causal=True)
+        return x
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.final_layer_norm(self.encoder(self.embeddings(ids)))
+
+
+class TextEncoder(nn.Module):
+    """token ids [B, 77] -> per-token text features [B, 77, width], the UNet's cross-attention context."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = TextTransformer(cfg)
+
+    def check_ids(self, ids: Tensor) -> None:
+        cfg = self.cfg
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"TextEncoder: ids must be a torch tensor, got {type(ids).__name__}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"TextEncoder: ids must be int64/int32 token ids, got dtype {ids.dtype}")
+        if ids.dim() != 2 or not 1 <= ids.shape[1] <= cfg.max_positions:
+            raise ValueError(f"TextEncoder: ids must be [batch, <= {cfg.max_positions}], got shape {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
+            raise ValueError(
+                f"TextEncoder: token ids must lie in [0, {cfg.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]"
+            )
+
+    def forward(self, ids: Tensor) -> Tensor:
+        self.check_ids(ids)
+        return self.text_model(ids)
