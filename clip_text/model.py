@@ -76,6 +76,38 @@ class TextConfig:
             layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)),
         )
 
+    @classmethod
+    def from_open_clip_state_dict(
+        cls, state: dict, *, heads: int | None = None, source: str = "cond_stage_model.model.*",
+    ) -> "TextConfig":
+        """From the shapes of an OpenCLIP text tower (ldm file, `cond_stage_model.model.` stripped).
+
+        layers = blocks in the file - 1 (SD-2 reads the penultimate block). The head count is in no
+        shape: OpenCLIP's text towers use 64-wide heads, so heads defaults to width // 64; pass
+        `heads` for anything else (e.g. toy test models). The activation is exact GELU (OpenCLIP's
+        own towers; only OpenAI's CLIP weights use quick_gelu).
+        """
+        for key in ("token_embedding.weight", "positional_embedding", "transformer.resblocks.0.mlp.c_fc.weight"):
+            if key not in state:
+                raise ValueError(f"{source}: no {key!r}; not an OpenCLIP text tower")
+        vocab_size, width = state["token_embedding.weight"].shape
+        blocks = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks."))
+        if blocks < 2:
+            raise ValueError(f"{source}: {blocks} block(s); SD-2 reads the penultimate one, so at least 2 are needed")
+        if heads is None:
+            if width % 64:
+                raise ValueError(f"{source}: width {width} is not a multiple of 64-wide heads; pass heads=")
+            heads = width // 64
+        return cls(
+            vocab_size=int(vocab_size),
+            max_positions=int(state["positional_embedding"].shape[0]),
+            width=int(width),
+            heads=heads,
+            layers=blocks - 1,
+            mlp=int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+            act="gelu",
+        )
+
 
 def quick_gelu(x: Tensor) -> Tensor:
     # OpenAI CLIP's sigmoid approximation of GELU; models trained with it need it, not the exact one.

@@ -6,6 +6,8 @@ built on the meta device, to check parameter count and key names against transfo
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -49,7 +51,7 @@ def sample_ids(batch: int = 3, seed: int = 0) -> torch.Tensor:
 def reference(request, tmp_path_factory):
     """(our config, transformers model with random weights, its files saved by save_pretrained)."""
     torch.manual_seed(0)
-    cfg = TextConfig(**{**TextConfig.tiny().__dict__, "act": request.param})
+    cfg = replace(TextConfig.tiny(), act=request.param)
     model = CLIPTextModel(transformers_config(cfg)).eval()
     with torch.no_grad():  # move every weight off its init (LayerNorms are ones/zeros otherwise)
         for p in model.parameters():
@@ -100,6 +102,9 @@ def test_ldm_layout(reference, tmp_path):
     save_file({**other, **{LDM_PREFIX + k: v.contiguous() for k, v in ldm.items()}}, str(tmp_path / "v2-1.safetensors"))
 
     tower = strip_prefix(read_safetensors(tmp_path / "v2-1.safetensors"), LDM_PREFIX)
+    assert TextConfig.from_open_clip_state_dict(tower, heads=cfg.heads) == replace(cfg, act="gelu")  # OpenCLIP's
+    with pytest.raises(ValueError, match="width 32 is not a multiple of 64-wide heads"):
+        TextConfig.from_open_clip_state_dict(tower)
     unused = ldm_unused_keys(tower, cfg.layers)
     assert sorted(unused) == sorted(
         ["text_projection", "logit_scale"] + [k for k in tower if k.startswith(f"transformer.resblocks.{cfg.layers}.")]
@@ -151,6 +156,16 @@ def test_real_config_on_meta_matches_transformers():
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
         k: tuple(v.shape) for k, v in normalise_transformers_keys(theirs.state_dict()).items() if k in their_keys
     }
+
+
+def test_config_from_real_open_clip_shapes():
+    with torch.device("meta"):  # only shapes are read
+        tower = {"token_embedding.weight": torch.empty(49408, 1024), "positional_embedding": torch.empty(77, 1024)}
+        for i in range(24):  # the real file holds all 24 blocks of ViT-H/14's text tower
+            tower[f"transformer.resblocks.{i}.mlp.c_fc.weight"] = torch.empty(4096, 1024)
+    assert TextConfig.from_open_clip_state_dict(tower) == TextConfig.sd21()
+    with pytest.raises(ValueError, match="no 'positional_embedding'"):
+        TextConfig.from_open_clip_state_dict({k: v for k, v in tower.items() if k != "positional_embedding"})
 
 
 def test_config_from_transformers_dict_errors():
