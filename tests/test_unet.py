@@ -1,0 +1,118 @@
+"""UNet: parity with diffusers' UNet2DConditionModel (eps and upcast/v variants), the ldm layout,
+the real config's size and key set, and the control seam being a no-op by default."""
+
+import pytest
+import torch
+
+from ldm_writer_unet import diffusers_unet_to_ldm
+from tokenflow.checkpoint import CheckpointError, assign_strict, strip_prefix
+from unet import UNet, UNetConfig, UNetControl
+from unet.keys import config_from_ldm, ldm_to_diffusers
+
+diffusers = pytest.importorskip("diffusers")
+
+SD21_BLOCKS = dict(
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    use_linear_projection=True, layers_per_block=2,
+)
+
+
+def reference_unet(upcast: bool, seed: int = 0):
+    """A small member of the SD-2.1 family: same block types, 64-channel heads, linear proj, GEGLU."""
+    torch.manual_seed(seed)
+    ref = diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(64, 64, 128, 128), attention_head_dim=[1, 1, 2, 2],
+        cross_attention_dim=64, upcast_attention=upcast, **SD21_BLOCKS,
+    ).eval()
+    with torch.no_grad():  # move norms and biases off their defaults so every parameter matters
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return ref
+
+
+def ours_from(state, cfg):
+    with torch.device("meta"):
+        model = UNet(cfg)
+    return assign_strict(model, state, source="test").eval()
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_parity_with_diffusers(upcast):
+    ref = reference_unet(upcast)
+    ours = ours_from(dict(ref.state_dict()), UNetConfig.from_diffusers_config(dict(ref.config)))
+    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 64)
+    for t in (torch.tensor([3, 700]), 981):
+        with torch.no_grad():
+            want = ref(x, t, ctx).sample
+            got = ours(x, t, ctx)
+            plain_control = ours(x, t, ctx, UNetControl())
+        assert got.shape == x.shape
+        assert (got - want).abs().max() <= 1e-4
+        assert torch.equal(got, plain_control)
+
+
+def test_odd_latent_size_matches_diffusers():
+    ref = reference_unet(False)
+    ours = ours_from(dict(ref.state_dict()), UNetConfig.from_diffusers_config(dict(ref.config)))
+    x, ctx = torch.randn(1, 4, 12, 20), torch.randn(1, 77, 64)
+    with torch.no_grad():
+        assert (ours(x, 10, ctx) - ref(x, 10, ctx).sample).abs().max() <= 1e-4
+
+
+def test_ldm_layout_roundtrip_and_config_inference():
+    ref = reference_unet(False)
+    cfg = UNetConfig.from_diffusers_config(dict(ref.config))
+    ldm = diffusers_unet_to_ldm(ref.state_dict(), 4, 2, cfg.attention_levels)
+    raw = strip_prefix(ldm, "model.diffusion_model.")
+    inferred = config_from_ldm(raw, upcast_attention=False, sample_size=8)
+    assert inferred == cfg
+    ours = ours_from(ldm_to_diffusers(raw, inferred), inferred)
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
+    with torch.no_grad():
+        assert (ours(x, 500, ctx) - ref(x, 500, ctx).sample).abs().max() <= 1e-4
+
+
+def test_real_configs_on_meta():
+    with torch.device("meta"):
+        ours = UNet(UNetConfig.sd21_base())
+        ref = diffusers.UNet2DConditionModel(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=[5, 10, 20, 20],
+            cross_attention_dim=1024, **SD21_BLOCKS,
+        )
+    assert sum(p.numel() for p in ours.parameters()) == 865_910_724
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    assert len(ours.state_dict()) == 686
+    assert UNetConfig.from_diffusers_config(dict(ref.config)) == UNetConfig.sd21_base()
+    v_model = UNetConfig.sd21()
+    assert v_model.upcast_attention and v_model.sample_size == 96
+
+
+def test_bad_inputs_and_configs():
+    model = UNet(UNetConfig.tiny()).eval()
+    with pytest.raises(ValueError, match="x must be"):
+        model(torch.randn(1, 3, 8, 8), 1, torch.randn(1, 77, 64))
+    with pytest.raises(ValueError, match="context must be"):
+        model(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 77, 32))
+    with pytest.raises(ValueError, match="t must be"):
+        model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2, 3]), torch.randn(2, 77, 64))
+    with pytest.raises(ValueError, match="use_linear_projection"):
+        UNetConfig.from_diffusers_config(dict(block_out_channels=[32], down_block_types=["DownBlock2D"], up_block_types=["UpBlock2D"]))
+    with pytest.raises(ValueError, match="unsupported block types"):
+        UNetConfig.from_diffusers_config(dict(block_out_channels=[32], down_block_types=["SimpleCrossAttnDownBlock2D"], up_block_types=["UpBlock2D"]))
+
+
+def test_strict_loading_names_the_problem():
+    cfg = UNetConfig.tiny()
+    state = UNet(cfg).state_dict()
+    bad = dict(state)
+    bad["conv_in.weight"] = torch.zeros(64, 4, 1, 1)
+    with pytest.raises(CheckpointError, match=r"conv_in.weight: checkpoint \(64, 4, 1, 1\) vs model \(64, 4, 3, 3\)"):
+        ours_from(bad, cfg)
+    missing = dict(state)
+    del missing["up_blocks.1.resnets.1.conv2.bias"]
+    with pytest.raises(CheckpointError, match=r"1 missing key\(s\): up_blocks.1.resnets.1.conv2.bias"):
+        ours_from(missing, cfg)
+    extra = dict(state, **{"mid_block.extra.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"1 unexpected key\(s\): mid_block.extra.weight"):
+        ours_from(extra, cfg)
