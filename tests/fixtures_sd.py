@@ -1,0 +1,97 @@
+"""Test-only: a tiny SD-2.1-family checkpoint written by the reference libraries, in both layouts.
+
+- `write_diffusers_folder(root)`: diffusers `UNet2DConditionModel` and `AutoencoderKL`, transformers
+  `CLIPTextModel` (renamed to the PUBLISHED key layout: `text_model.` prefix and position_ids, which
+  today's transformers no longer writes), a tokenizer/ folder, scheduler config, model_index.json.
+- `write_ldm_file(path, refs)`: the same weights as one ldm `.safetensors`, written by the test-only
+  writers (tests/ldm_writer_*.py), plus the 12 schedule buffers an ldm file carries.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ldm_writer_text import transformers_text_to_ldm
+from ldm_writer_unet import diffusers_unet_to_ldm
+from ldm_writer_vae import diffusers_vae_to_ldm
+from test_tokenizer import load_open_clip_tokenizer_module, write_folder
+
+SCHEDULER = dict(
+    _class_name="DDIMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, num_train_timesteps=1000, prediction_type="epsilon", set_alpha_to_one=False,
+    steps_offset=1, skip_prk_steps=True,
+)
+
+
+@dataclass
+class References:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text: torch.nn.Module
+
+
+def _perturb(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():  # norms and biases away from their defaults, so every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def build_references(upcast: bool = False) -> References:
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(64, 64, 128, 128), attention_head_dim=[1, 1, 2, 2], cross_attention_dim=64,
+        upcast_attention=upcast, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, use_linear_projection=True, layers_per_block=2,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=64,
+    )
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, num_attention_heads=1, num_hidden_layers=2, intermediate_size=128,
+        hidden_act="gelu", max_position_embeddings=77, projection_dim=32,
+    ))
+    return References(_perturb(unet, 1), _perturb(vae, 2), _perturb(text, 3))
+
+
+def published_text_state(text) -> dict[str, torch.Tensor]:
+    state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text.state_dict().items()}
+    state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    return state
+
+
+def write_diffusers_folder(root: Path, refs: References, prediction_type: str = "epsilon") -> Path:
+    refs.unet.save_pretrained(root / "unet")
+    refs.vae.save_pretrained(root / "vae")
+    (root / "text_encoder").mkdir(parents=True)
+    refs.text.config.to_json_file(root / "text_encoder" / "config.json")
+    save_file({k: v.contiguous() for k, v in published_text_state(refs.text).items()}, root / "text_encoder" / "model.safetensors")
+    write_folder(load_open_clip_tokenizer_module().SimpleTokenizer(), root / "tokenizer")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(SCHEDULER, prediction_type=prediction_type)))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+def write_ldm_file(path: Path, refs: References) -> Path:
+    state = diffusers_unet_to_ldm(refs.unet.state_dict(), 4, 2, (True, True, True, False))
+    state.update({f"first_stage_model.{k}": v for k, v in diffusers_vae_to_ldm(refs.vae.state_dict()).items()})
+    text = transformers_text_to_ldm(published_text_state(refs.text))
+    state.update({f"cond_stage_model.model.{k}": v for k, v in text.items()})
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+                 "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                 "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"):
+        state[name] = betas.clone()
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
