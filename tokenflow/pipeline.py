@@ -69,17 +69,14 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
 
 
 def load_video(cfg, out_dir: Path) -> Video:
-    v = cfg["video"]
-    path = v["path"]
+    path, sel = cfg["video"], cfg["frames"]
     if path == "sample":  # the project's own generated clip, so a fresh clone has something to edit
         from .sample_clip import make_sample_clip
 
         path = make_sample_clip(out_dir / "sample_input.mp4")
-    video = read_video(path, start=v["start"], end=v["end"], stride=v["stride"], max_frames=v["max_frames"])
-    size = v["size"]  # None, an int (short side) or [H, W] (a ListConfig from Hydra)
-    if size is not None and not isinstance(size, int):
-        size = tuple(size)
-    return fit_to_size(video, size)
+    video = read_video(path, start=sel["start"], end=sel["end"], stride=sel["stride"], max_frames=sel["max"])
+    size = cfg["size"]  # None, an int (short side) or [H, W]
+    return fit_to_size(video, size if size is None or isinstance(size, int) else tuple(size))
 
 
 def check_prompt(prompt, what: str) -> str:

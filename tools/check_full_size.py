@@ -1,0 +1,111 @@
+"""Full-size check: a diffusers folder of SD-2.1's real configs with random weights, loaded by
+`tokenflow.load_models`, compared with diffusers' UNet; and the peak memory of loading the UNet.
+
+    python -m tools.check_full_size [--dir /tmp/sd21-random] [--keep]
+
+Writes the folder with diffusers/transformers (random weights, ~3.5 GB in fp32 for the UNet), then in
+fresh subprocesses: (1) loads the UNet alone with our loader and reports the peak RSS increase
+against the size of the weights (our loader builds on the meta device and assigns tensors read in
+the target dtype: about one copy); (2) loads everything with `load_models` and compares one UNet
+forward at 64x64 latents with diffusers' (max abs difference). Needs diffusers and transformers
+(the test extras); the product never imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LOAD_UNET = r"""
+import json, resource, sys, torch
+from tokenflow.checkpoint import read_json, read_safetensors
+from tokenflow.loading import _fill
+from unet.model import UNet, UNetConfig
+root = sys.argv[1]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cfg = UNetConfig.from_diffusers_config(read_json(root + "/unet/config.json"))
+f = root + "/unet/diffusion_pytorch_model.safetensors"
+unet = _fill(UNet, cfg, read_safetensors(f), f)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+print(json.dumps({"weights_mb": weights / 2**20, "peak_rss_increase_mb": (peak - before) / 1024, "params": sum(p.numel() for p in unet.parameters())}))
+"""
+
+COMPARE = r"""
+import json, sys, torch
+import tokenflow
+from diffusers import UNet2DConditionModel
+root = sys.argv[1]
+models = tokenflow.load_models(root)
+torch.manual_seed(0)
+x, ctx = torch.randn(1, 4, 64, 64), torch.randn(1, 77, 1024)
+with torch.no_grad():
+    ours = models.unet(x, 981, ctx)
+del models
+ref = UNet2DConditionModel.from_pretrained(root, subfolder="unet").eval()
+with torch.no_grad():
+    want = ref(x, 981, ctx).sample
+print(json.dumps({"unet_max_abs_diff": (ours - want).abs().max().item(), "output_abs_mean": want.abs().mean().item()}))
+"""
+
+
+def write_random_sd21(root: Path) -> Path:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=[5, 10, 20, 20],
+        cross_attention_dim=1024, use_linear_projection=True, layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).save_pretrained(root / "unet")
+    AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+    ).save_pretrained(root / "vae")
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=1024, num_attention_heads=16, num_hidden_layers=23, intermediate_size=4096,
+        hidden_act="gelu", max_position_embeddings=77, projection_dim=512,
+    )).save_pretrained(root / "text_encoder")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+def run(code: str, root: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, default=None, help="where to write the random folder (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the folder afterwards")
+    args = p.parse_args(argv)
+    root = args.dir or Path(tempfile.mkdtemp(prefix="sd21-random-"))
+    try:
+        if not (root / "unet" / "config.json").is_file():
+            print(f"writing a random full-size SD-2.1 diffusers folder to {root} ...", flush=True)
+            write_random_sd21(root)
+        load = run(LOAD_UNET, root)
+        print(f"UNet: {load['params']:,} parameters, weights {load['weights_mb']:.0f} MB, "
+              f"peak RSS increase while loading {load['peak_rss_increase_mb']:.0f} MB "
+              f"({load['peak_rss_increase_mb'] / load['weights_mb']:.2f}x the weights)")
+        cmp = run(COMPARE, root)
+        print(f"load_models({root}) UNet vs diffusers at 64x64 latents: max abs diff {cmp['unet_max_abs_diff']:.2e} "
+              f"(output mean |x| {cmp['output_abs_mean']:.3f})")
+        return 0 if cmp["unet_max_abs_diff"] <= 1e-4 else 1
+    finally:
+        if not args.keep and args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+            print(f"removed {root}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
