@@ -6,7 +6,8 @@
 Writes the folder with diffusers/transformers (random weights, ~3.5 GB in fp32 for the UNet), then in
 fresh subprocesses: (1) loads the UNet alone with our loader and reports the peak RSS increase
 against the size of the weights (our loader builds on the meta device and assigns tensors read in
-the target dtype: about one copy); (2) loads everything with `load_models` and compares one UNet
+the target dtype: about one copy; float32 tensors are memory-mapped from the file, so they are
+page cache rather than anonymous memory); (2) loads everything with `load_models` and compares one UNet
 forward at 64x64 latents with diffusers' (max abs difference). Needs diffusers and transformers
 (the test extras); the product never imports them.
 """
@@ -22,18 +23,33 @@ import tempfile
 from pathlib import Path
 
 LOAD_UNET = r"""
-import json, resource, sys, torch
+import json, sys, threading, time, torch
 from tokenflow.checkpoint import read_json, read_safetensors
 from tokenflow.loading import _fill
 from unet.model import UNet, UNetConfig
-root = sys.argv[1]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status(field):  # kB -> MB, from /proc/self/status
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+
+peak = {"anon": 0.0, "rss": 0.0}
+def sample():  # a sampling thread: the peak of anonymous memory (what a copy costs) and of all RSS
+    while not done:
+        peak["anon"] = max(peak["anon"], status("RssAnon")); peak["rss"] = max(peak["rss"], status("VmRSS"))
+        time.sleep(0.005)
+root, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+base_anon, base_rss = status("RssAnon"), status("VmRSS")
+done = False
+t = threading.Thread(target=sample); t.start()
 cfg = UNetConfig.from_diffusers_config(read_json(root + "/unet/config.json"))
 f = root + "/unet/diffusion_pytorch_model.safetensors"
-unet = _fill(UNet, cfg, read_safetensors(f), f)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+unet = _fill(UNet, cfg, read_safetensors(f, dtype=dtype), f)
+touched = sum(float(p.float().abs().sum()) for p in unet.parameters())  # every weight paged in
+done = True; t.join()
 weights = sum(p.numel() * p.element_size() for p in unet.parameters())
-print(json.dumps({"weights_mb": weights / 2**20, "peak_rss_increase_mb": (peak - before) / 1024, "params": sum(p.numel() for p in unet.parameters())}))
+print(json.dumps({"weights_mb": weights / 2**20, "anon_peak_increase_mb": peak["anon"] - base_anon,
+                  "rss_peak_increase_mb": peak["rss"] - base_rss, "params": sum(p.numel() for p in unet.parameters())}))
 """
 
 COMPARE = r"""
@@ -78,8 +94,8 @@ def write_random_sd21(root: Path) -> Path:
     return root
 
 
-def run(code: str, root: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True)
+def run(code: str, *args) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -93,10 +109,12 @@ def main(argv=None) -> int:
         if not (root / "unet" / "config.json").is_file():
             print(f"writing a random full-size SD-2.1 diffusers folder to {root} ...", flush=True)
             write_random_sd21(root)
-        load = run(LOAD_UNET, root)
-        print(f"UNet: {load['params']:,} parameters, weights {load['weights_mb']:.0f} MB, "
-              f"peak RSS increase while loading {load['peak_rss_increase_mb']:.0f} MB "
-              f"({load['peak_rss_increase_mb'] / load['weights_mb']:.2f}x the weights)")
+        for dtype in ("float32", "float16"):
+            load = run(LOAD_UNET, root, dtype)
+            print(f"UNet {dtype}: {load['params']:,} parameters, weights {load['weights_mb']:.0f} MB; peak while loading "
+                  f"(every weight touched): anonymous memory +{load['anon_peak_increase_mb']:.0f} MB "
+                  f"({load['anon_peak_increase_mb'] / load['weights_mb']:.2f}x the weights), all RSS incl. the "
+                  f"memory-mapped file +{load['rss_peak_increase_mb']:.0f} MB")
         cmp = run(COMPARE, root)
         print(f"load_models({root}) UNet vs diffusers at 64x64 latents: max abs diff {cmp['unet_max_abs_diff']:.2e} "
               f"(output mean |x| {cmp['output_abs_mean']:.3f})")
