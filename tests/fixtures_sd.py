@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from tokenflow.checkpoint import assign_strict
+
 from ldm_writer_text import transformers_text_to_ldm
 from ldm_writer_unet import diffusers_unet_to_ldm
 from ldm_writer_vae import diffusers_vae_to_ldm
@@ -35,12 +37,19 @@ class References:
     text: torch.nn.Module
 
 
-def _perturb(model, seed):
+def perturb(model, seed):
     torch.manual_seed(seed)
     with torch.no_grad():  # norms and biases away from their defaults, so every tensor matters
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
+
+
+def fill_on_meta(model_cls, cfg, state):
+    """Our model built on the meta device and filled strictly from `state`, as the loader does."""
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    return assign_strict(model, state, source="test").eval()
 
 
 def build_references(upcast: bool = False) -> References:
@@ -61,7 +70,7 @@ def build_references(upcast: bool = False) -> References:
         vocab_size=49408, hidden_size=64, num_attention_heads=1, num_hidden_layers=2, intermediate_size=128,
         hidden_act="gelu", max_position_embeddings=77, projection_dim=32,
     ))
-    return References(_perturb(unet, 1), _perturb(vae, 2), _perturb(text, 3))
+    return References(perturb(unet, 1), perturb(vae, 2), perturb(text, 3))
 
 
 def published_text_state(text) -> dict[str, torch.Tensor]:

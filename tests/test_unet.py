@@ -4,8 +4,9 @@ the real config's size and key set, and the control seam being a no-op by defaul
 import pytest
 import torch
 
+from fixtures_sd import fill_on_meta, perturb
 from ldm_writer_unet import diffusers_unet_to_ldm
-from tokenflow.checkpoint import CheckpointError, assign_strict, strip_prefix
+from tokenflow.checkpoint import CheckpointError, strip_prefix
 from unet import UNet, UNetConfig, UNetControl
 from unet.keys import config_from_ldm, ldm_to_diffusers
 
@@ -24,17 +25,12 @@ def reference_unet(upcast: bool, seed: int = 0):
     ref = diffusers.UNet2DConditionModel(
         sample_size=8, block_out_channels=(64, 64, 128, 128), attention_head_dim=[1, 1, 2, 2],
         cross_attention_dim=64, upcast_attention=upcast, **SD21_BLOCKS,
-    ).eval()
-    with torch.no_grad():  # move norms and biases off their defaults so every parameter matters
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return ref
+    )
+    return perturb(ref, seed + 1)
 
 
 def ours_from(state, cfg):
-    with torch.device("meta"):
-        model = UNet(cfg)
-    return assign_strict(model, state, source="test").eval()
+    return fill_on_meta(UNet, cfg, state)
 
 
 @pytest.mark.parametrize("upcast", [False, True])

@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fixtures_sd import fill_on_meta, perturb
 from ldm_writer_vae import diffusers_vae_to_ldm
-from tokenflow.checkpoint import assign_strict, read_safetensors, strip_prefix
+from tokenflow.checkpoint import read_safetensors, strip_prefix
 from vae import VAE, VAEConfig
 from vae.keys import ldm_to_diffusers, normalise_diffusers_keys
 
@@ -17,17 +18,12 @@ SD_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("
 @pytest.fixture(scope="module")
 def reference():
     torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, **SD_BLOCKS).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return ref
+    ref = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, **SD_BLOCKS)
+    return perturb(ref, 1)
 
 
 def ours_from(state, cfg):
-    with torch.device("meta"):
-        model = VAE(cfg)
-    return assign_strict(model, state, source="test").eval()
+    return fill_on_meta(VAE, cfg, state)
 
 
 def max_diffs(ours, ref):
