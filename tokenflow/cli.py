@@ -29,10 +29,8 @@ def _run(cfg: DictConfig) -> None:
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     try:
         facts = run_edit(resolved, out_dir)
-    except ModelNotAvailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (FileNotFoundError, ValueError) as e:
+    except (ModelNotAvailable, FileNotFoundError, ValueError, FloatingPointError) as e:
+        # bad input or missing weights: one clear line, no traceback, and no outputs were written
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"[tokenflow] {facts.frames} frames {facts.size[1]}x{facts.size[0]} at {facts.fps} fps; "

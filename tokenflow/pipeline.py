@@ -189,10 +189,13 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
                 cache.clear()
             facts.inversion_cache = str(cache.dir)
         lap("encode_prompts")
-        bar = FrameStepBar("inversion", n * len([t for t in schedule.timesteps(inv["steps"]).tolist() if t <= max(timesteps)]), show)
+        inversion_grid = [t for t in schedule.timesteps(inv["steps"]).tolist() if t <= max(timesteps)]
+        bar = FrameStepBar("inversion", n * len(inversion_grid), show)
 
         def reused(k: int) -> None:
             facts.inversion_frames_reused = k
+            bar.bar.total -= k * len(inversion_grid)  # cached frames cost nothing: keep the ETA honest
+            bar.bar.refresh()
             print(f"[tokenflow] reusing cached inversion of {k}/{n} frames from {cache.dir}", file=sys.stderr)
 
         source_latents = invert_frames(
