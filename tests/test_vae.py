@@ -1,13 +1,15 @@
 """VAE: parity with diffusers' AutoencoderKL in today's, the late-2022 and the ldm layouts; the real
 config's size and keys; clear shape errors."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from fixtures_sd import fill_on_meta, perturb
 from ldm_writer_vae import diffusers_vae_to_ldm
-from tokenflow.checkpoint import read_safetensors, strip_prefix
+from tokenflow.checkpoint import CheckpointError, read_safetensors, strip_prefix
 from vae import VAE, VAEConfig
 from vae.keys import ldm_to_diffusers, normalise_diffusers_keys
 
@@ -68,8 +70,36 @@ def test_ldm_layout_against_diffusers_single_file(reference, tmp_path):
             assert torch.equal(theirs.state_dict()[k], v), k
     state = ldm_to_diffusers(strip_prefix(read_safetensors(tmp_path / "vae.safetensors"), "first_stage_model."))
     cfg = VAEConfig.from_state_dict(state)
-    assert cfg == VAEConfig.from_diffusers_config(dict(reference.config))
+    # an ldm file carries no config: the state dict gives the architecture, sample_size stays the default
+    assert cfg == replace(VAEConfig.from_diffusers_config(dict(reference.config)), sample_size=512)
     assert max_diffs(ours_from(state, cfg), reference) <= 1e-4
+
+
+def test_ldm_older_attention_names_and_unknown_keys(reference):
+    ldm = diffusers_vae_to_ldm(reference.state_dict())
+    older = {k.replace("attn_1.q.", "attn_1.query.").replace("attn_1.proj_out.", "attn_1.proj_attn."): v for k, v in ldm.items()}
+    assert any("attn_1.proj_attn." in k for k in older)
+    cfg = VAEConfig.from_diffusers_config(dict(reference.config))
+    assert max_diffs(ours_from(ldm_to_diffusers(older), cfg), reference) <= 1e-4
+    # keys the mapping does not know survive unchanged, so the strict loader names them
+    odd = dict(ldm, **{"encoder.extra.weight": torch.zeros(1), "loss.logvar": torch.zeros(1)})
+    renamed = ldm_to_diffusers(odd)
+    assert renamed["encoder.extra.weight"] is odd["encoder.extra.weight"] and "loss.logvar" in renamed
+    with pytest.raises(CheckpointError, match=r"2 unexpected key\(s\):.*encoder\.extra\.weight"):
+        ours_from(renamed, cfg)
+
+
+def test_decode_in_slices_equals_decode_at_once():
+    torch.manual_seed(0)
+    vae = perturb(VAE(VAEConfig.tiny()), 3)
+    z = torch.randn(3, 4, 4, 4)
+    with torch.no_grad():
+        whole = vae.decode(z)
+        sliced = vae.decode(z, batch_size=2)  # 2 + 1
+    assert whole.shape == (3, 3, 32, 32)
+    assert torch.allclose(whole, sliced, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        vae.decode(z, batch_size=0)
 
 
 def test_real_config_on_meta():
@@ -95,3 +125,7 @@ def test_scaling_and_shape_errors():
         vae.decode(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="unsupported block types"):
         VAEConfig.from_diffusers_config({"down_block_types": ["AttnDownEncoderBlock2D"]})
+    with pytest.raises(ValueError, match="shift_factor=0.0609 is not supported"):
+        VAEConfig.from_diffusers_config({"shift_factor": 0.0609, "scaling_factor": 1.5305})
+    with pytest.raises(ValueError, match="use_quant_conv=False"):
+        VAEConfig.from_diffusers_config({"use_quant_conv": False})

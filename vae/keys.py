@@ -5,7 +5,8 @@ Two older layouts are accepted:
   `query`, `key`, `value`, `proj_attn`, some as 1x1 convolutions [C, C, 1, 1];
 - ldm single files (`first_stage_model.*`, prefix stripped by the caller): `down.N.block.M`,
   `mid.block_1/attn_1/block_2`, `nin_shortcut`, `norm_out`, attention `norm,q,k,v,proj_out` as 1x1
-  convolutions, and decoder `up.N` numbered from the DEEPEST level (the reverse of `up_blocks`).
+  convolutions (older conversions: the 2022 names above), and decoder `up.N` numbered from the
+  DEEPEST level (the reverse of `up_blocks`).
 Unknown keys pass through unchanged, so the strict loader reports them by name.
 """
 
@@ -18,7 +19,8 @@ from torch import Tensor
 IGNORED_KEYS: tuple[str, ...] = ()
 
 OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0",
+                 **OLD_ATTENTION}  # some older conversions wrote the 2022 diffusers names inside attn_1
 LDM_RESNET = {"nin_shortcut": "conv_shortcut"}
 
 

@@ -29,6 +29,7 @@ class VAEConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-6
     scaling_factor: float = LATENT_SCALE
+    sample_size: int = 512  # image size the checkpoint was trained at; informational, any multiple of 8 works
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
@@ -50,13 +51,20 @@ class VAEConfig:
         down, up = set(d.get("down_block_types", [])), set(d.get("up_block_types", []))
         if down - {"DownEncoderBlock2D"} or up - {"UpDecoderBlock2D"}:
             raise ValueError(f"vae config: unsupported block types {sorted(down)} / {sorted(up)} (SD uses DownEncoderBlock2D / UpDecoderBlock2D)")
-        if d.get("mid_block_add_attention", True) is not True or d.get("use_quant_conv", True) is not True:
-            raise ValueError("vae config: mid_block_add_attention and use_quant_conv must be true for SD's VAE")
+        for flag in ("mid_block_add_attention", "use_quant_conv", "use_post_quant_conv"):
+            if d.get(flag, True) is not True:
+                raise ValueError(f"vae config: {flag}={d[flag]!r} is not supported (SD's VAE has it true)")
+        if d.get("act_fn", "silu") != "silu":
+            raise ValueError(f"vae config: act_fn={d['act_fn']!r} is not supported (SD's VAE uses silu)")
+        for extra in ("shift_factor", "latents_mean", "latents_std"):
+            # later VAEs (SD3, Flux, SDXL pipelines) normalise latents differently: one scale factor is all we apply
+            if d.get(extra) is not None:
+                raise ValueError(f"vae config: {extra}={d[extra]!r} is not supported (SD-2.1 uses scaling_factor alone)")
         return cls(
             in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3),
             latent_channels=d.get("latent_channels", 4), block_out_channels=tuple(d.get("block_out_channels", (64,))),
             layers_per_block=d.get("layers_per_block", 1), norm_num_groups=d.get("norm_num_groups", 32),
-            scaling_factor=d.get("scaling_factor", LATENT_SCALE),
+            scaling_factor=d.get("scaling_factor", LATENT_SCALE), sample_size=d.get("sample_size", 512),
         )
 
     @classmethod
@@ -218,11 +226,17 @@ class VAE(nn.Module):
         mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)  # the reference clamps before exp() for stability
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """latents [B, 4, h, w], unscaled -> images [B, 3, 8h, 8w], roughly in [-1, 1]."""
+    def decode(self, latents: Tensor, *, batch_size: int | None = None) -> Tensor:
+        """latents [B, 4, h, w], unscaled -> images [B, 3, 8h, 8w], roughly in [-1, 1].
+
+        batch_size: decode that many latents at a time (the decoder's full-resolution activations,
+        not the weights, dominate memory); None decodes all at once."""
         if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
             raise ValueError(f"vae.decode: latents must be [B, {self.config.latent_channels}, h, w], got {tuple(latents.shape)}")
-        return self.decoder(self.post_quant_conv(latents))
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"vae.decode: batch_size must be a positive integer or None, got {batch_size!r}")
+        step = batch_size or max(latents.shape[0], 1)
+        return torch.cat([self.decoder(self.post_quant_conv(chunk)) for chunk in latents.split(step)])
 
     def scale_latents(self, latents: Tensor) -> Tensor:
         """VAE latents -> the diffusion model's latents (x 0.18215)."""
