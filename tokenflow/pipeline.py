@@ -149,6 +149,7 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
     n = video.num_frames
     lap("read_video")
     models = load_model_bundle(cfg, device, dtype)
+    models.unet.set_feed_forward_chunk(cfg["tokenflow"]["ff_chunk"])
     lap("load_models")
     facts = RunFacts(
         video=str(video.path), frames=n, source_indices=list(video.indices), size=[video.height, video.width],

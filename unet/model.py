@@ -199,9 +199,15 @@ class FeedForward(nn.Module):
         super().__init__()
         # keys ff.net.0.proj and ff.net.2 (index 1 was a dropout in the original)
         self.net = nn.ModuleList([GEGLU(channels, channels * mult), nn.Identity(), nn.Linear(channels * mult, channels)])
+        # Tokens per chunk (None: all at once). The GEGLU's inner activation is 8x the width of its
+        # input ([B, 4096, 2560] per frame at 512 px): the largest tensor of a big keyframe batch.
+        # Tokens are independent here, so chunking changes memory, not results.
+        self.chunk: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net[2](self.net[0](x))
+        if self.chunk is None or x.shape[1] <= self.chunk:
+            return self.net[2](self.net[0](x))
+        return torch.cat([self.net[2](self.net[0](part)) for part in x.split(self.chunk, dim=1)], dim=1)
 
 
 class TransformerBlock(nn.Module):
@@ -362,6 +368,14 @@ class UNet(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, (SelfAttention, ResnetBlock)):
                 module.path = name
+
+    def set_feed_forward_chunk(self, tokens: int | None) -> None:
+        """Run every feed-forward over at most `tokens` tokens at a time (memory, not results)."""
+        if tokens is not None and tokens < 1:
+            raise ValueError(f"feed-forward chunk must be >= 1 token or None, got {tokens}")
+        for module in self.modules():
+            if isinstance(module, FeedForward):
+                module.chunk = tokens
 
     def forward(self, x: Tensor, t: Tensor | int | float, context: Tensor, control: UNetControl | None = None) -> Tensor:
         """x: noisy latents [B, 4, h, w]; t: a scalar or one timestep per sample; context: text
