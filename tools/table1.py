@@ -1,0 +1,376 @@
+"""The paper's Table 1 for our implementation: warp error, CLIP score, time and memory per method.
+
+    python -m tools.table1 --pairs "wolf.mp4::a marble sculpture of a wolf" --pairs "sample::a watercolor painting"
+    python -m tools.table1 --pairs-file pairs.txt --model tiny --out-dir table1 frames.max=16 size=128
+
+For every (video, prompt) pair, five runs of tokenflow.pipeline.run_edit, each composed from
+conf/config.yaml with `experiment=table1_<mode>` and the user's overrides:
+  LDM reconstruction (encode/decode only), PnP per frame, TokenFlow without propagation (extended
+  attention across all frames), TokenFlow without random keyframes (fixed), TokenFlow.
+Each run is scored:
+- warp error (tools.warp_error, x1e-3): flow on the SOURCE frames exactly as the pipeline read and
+  resized them (tokenflow.pipeline.load_video with the run's config), edited frames from the run's
+  lossless PNGs (output.png_frames=true is forced: an H.264 round trip would add its own error);
+- CLIP score (tools.clip_score, frame-mean cosine to the pair's prompt; the reconstruction row too,
+  as the paper's 0.23), or "n/a" when no CLIP weights can be had (said once);
+- seconds per frame and peak memory from the run's run.json.
+Every run executes in a fresh process (spawned), so its peak memory is its own: RSS (and CUDA peak
+allocation) are process-wide high-water marks that never go down. `--in-process` trades that for
+speed. The four edit runs of a pair share one inversion through the inversion cache: the first run
+that needs it computes it, the others reload it, so compare "s/frame (editing)".
+Writes <out-dir>/table1.md (means over pairs, with the paper's numbers beside them) and
+<out-dir>/table1.csv (the mean rows and one row per pair and method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import multiprocessing
+import re
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .run_config import add_run_flags, compose_config, flag_overrides
+
+# (mode, row label, paper's warp error x1e-3, paper's CLIP score): Table 1 of the paper
+METHODS = (
+    ("reconstruction", "LDM reconstruction", 2.0, 0.23),
+    ("per_frame", "PnP-Diffusion per frame", 11.3, 0.33),
+    ("extended_all", "TokenFlow w/o propagation (ext. attn. all frames)", 5.9, 0.33),
+    ("fixed_keyframes", "TokenFlow w/o random keyframes", 3.7, 0.33),
+    ("tokenflow", "TokenFlow", 3.0, 0.33),
+)
+MODES = tuple(m[0] for m in METHODS)
+METRICS = ("warp_error_x1e-3", "clip_score", "sec_per_frame_editing", "sec_per_frame_total", "peak_memory_mb")
+CSV_COLUMNS = ("scope", "pair", "video", "prompt", "method", "label", *METRICS, "memory_kind", "pairs", "run_dir", "error")
+PAIR_SEPARATOR = "::"
+
+
+@dataclass
+class Pair:
+    video: str
+    prompt: str
+
+
+def parse_pair(text: str) -> Pair:
+    """ "VIDEO::PROMPT" -> Pair (the video may be "sample", the project's generated clip)."""
+    if PAIR_SEPARATOR not in text:
+        raise ValueError(f"pair {text!r} is not VIDEO{PAIR_SEPARATOR}PROMPT, e.g. 'wolf.mp4::a marble sculpture of a wolf'")
+    video, prompt = (s.strip() for s in text.split(PAIR_SEPARATOR, 1))
+    if not video or not prompt:
+        raise ValueError(f"pair {text!r} has an empty {'video' if not video else 'prompt'}")
+    return Pair(video, prompt)
+
+
+def read_pairs_file(path: Path | str) -> list[Pair]:
+    """One VIDEO::PROMPT per line; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pairs file not found")
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                pairs.append(parse_pair(line))
+            except ValueError as e:
+                raise ValueError(f"{path}:{number}: {e}") from None
+    return pairs
+
+
+@dataclass
+class Row:
+    """One method on one pair (scope "pair"), or its mean over pairs (scope "mean")."""
+
+    scope: str
+    pair: str  # pair number, or "all"
+    video: str
+    prompt: str
+    method: str
+    label: str
+    metrics: dict[str, float | None] = field(default_factory=dict)  # METRICS -> value (None: n/a)
+    memory_kind: str = ""
+    pairs: int = 1  # pairs that ran (for a mean row)
+    run_dir: str = ""
+    error: str = ""
+
+
+# ------------------------------------------------------------------------------------- running
+
+
+def _child(cfg: dict, run_dir: str, conn) -> None:
+    """Spawned: one run_edit, reporting success or the error (type and message) through `conn`."""
+    try:
+        from tokenflow.pipeline import run_edit
+
+        run_edit(cfg, run_dir)
+        conn.send(("ok", ""))
+    except BaseException as e:  # the parent decides; the traceback goes to this run's stderr
+        traceback.print_exc()
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def run_one(cfg: dict, run_dir: Path, *, in_process: bool = False) -> str:
+    """Run the pipeline on `cfg` into run_dir; returns "" on success, else the error text."""
+    if in_process:
+        from tokenflow.pipeline import run_edit
+
+        try:
+            run_edit(cfg, run_dir)
+        except (ValueError, RuntimeError, FileNotFoundError, MemoryError) as e:
+            return f"{type(e).__name__}: {e}"
+        return ""
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreter: its own RSS / CUDA high-water marks
+    parent, child = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(cfg, str(run_dir), child))
+    process.start()
+    child.close()
+    try:
+        status, message = parent.recv()
+    except EOFError:  # died without a word: killed (out of memory) or crashed
+        status, message = "error", "the run's process died without reporting"
+    process.join()
+    if status == "ok" and process.exitcode == 0:
+        return ""
+    return message or f"the run's process exited with code {process.exitcode} (out of memory?)"
+
+
+def run_config(pair: Pair, mode: str, user_overrides: list[str]) -> dict:
+    """The composed config of one Table 1 cell. The pair's video and prompt are set on the composed
+    dict (no quoting of paths or prompts through the override grammar); PNG frames are forced on."""
+    cfg = compose_config(["progress=false", f"experiment=table1_{mode}", *user_overrides, "output.png_frames=true"])
+    cfg["video"], cfg["prompt"] = pair.video, pair.prompt
+    return cfg
+
+
+def source_frames(cfg: dict, work_dir: Path) -> np.ndarray:
+    """uint8 [F, H, W, 3]: the source exactly as run_edit read and resized it (same function, same config)."""
+    from tokenflow.pipeline import load_video
+
+    return load_video(cfg, work_dir).frames.numpy()
+
+
+def edited_frames(run_dir: Path) -> np.ndarray:
+    from tokenflow.video import read_video
+
+    return read_video(run_dir / "frames").frames.numpy()
+
+
+class ClipScorer:
+    """The CLIP model loaded once; when it cannot be had, says why once and scores None."""
+
+    def __init__(self, model: str | None, device: str = "cpu"):
+        self.loaded = None
+        if model is None:
+            print("CLIP score skipped: --no-clip")
+            return
+        from tools.clip_score import ClipUnavailable, load_clip
+
+        try:
+            self.loaded = load_clip(model, device=device)
+        except ClipUnavailable as e:
+            print(f"CLIP score skipped: {e}")
+
+    def __call__(self, frames: np.ndarray, prompt: str) -> float | None:
+        if self.loaded is None:
+            return None
+        from tools.clip_score import clip_score_or_none
+
+        result = clip_score_or_none(frames, prompt, model=self.loaded)
+        return None if result is None else result.mean
+
+
+def run_metrics(run_dir: Path, source: np.ndarray, prompt: str, clip: ClipScorer, flow: str) -> tuple[dict, str]:
+    """METRICS of one finished run, and which memory its peak is."""
+    from tools.warp_error import warp_error
+
+    facts = json.loads((run_dir / "run.json").read_text())
+    edited = edited_frames(run_dir)
+    spf = facts["seconds_per_frame"]
+    memory = facts["peak_memory_mb"]
+    kind = "cuda_allocated" if "cuda_allocated" in memory else "cpu_rss"
+    metrics = {
+        "warp_error_x1e-3": warp_error(source, edited, method=flow).mean if len(source) > 1 else None,
+        "clip_score": clip(edited, prompt),
+        "sec_per_frame_editing": spf.get("editing"),  # none for the reconstruction: nothing is edited
+        "sec_per_frame_total": round(sum(spf.values()), 4),
+        "peak_memory_mb": memory[kind],
+    }
+    return metrics, kind
+
+
+def mean_rows(rows: list[Row], n_pairs: int) -> list[Row]:
+    """Per method: the mean of each metric over the pairs where it exists."""
+    out = []
+    for mode, label, _, _ in METHODS:
+        mine = [r for r in rows if r.method == mode and not r.error]
+        metrics = {}
+        for name in METRICS:
+            values = [r.metrics[name] for r in mine if r.metrics.get(name) is not None]
+            metrics[name] = float(np.mean(values)) if values else None
+        kinds = sorted({r.memory_kind for r in mine})
+        errors = [r.error for r in rows if r.method == mode and r.error]
+        out.append(Row("mean", "all", "", "", mode, label, metrics, "/".join(kinds), len(mine),
+                       error=f"{len(errors)} of {n_pairs} pairs failed" if errors else ""))
+    return out
+
+
+@dataclass
+class Table1:
+    means: list[Row]
+    rows: list[Row]  # per pair
+    markdown: Path
+    csv: Path
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:limit] or "x"
+
+
+def table1(
+    pairs: list[Pair], out_dir: Path | str, *, overrides: list[str] = (), clip_model: str | None = None,
+    flow: str = "dis", in_process: bool = False, modes: tuple[str, ...] = MODES,
+) -> Table1:
+    """Run every method on every pair, score them, write table1.md and table1.csv into out_dir."""
+    from tokenflow.pipeline import pick_device
+
+    if not pairs:
+        raise ValueError("no (video, prompt) pairs: give --pairs VIDEO::PROMPT or --pairs-file")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; Table 1 has {list(MODES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # every config is composed before anything runs: a bad override fails in a second, not after an hour
+    configs = {(i, mode): run_config(pair, mode, list(overrides)) for i, pair in enumerate(pairs) for mode in modes}
+    clip = ClipScorer(clip_model, device=pick_device(configs[0, modes[0]]["device"]))
+    labels = {m[0]: m[1] for m in METHODS}
+    rows = []
+    for i, pair in enumerate(pairs):
+        pair_dir = out_dir / f"pair{i:02d}_{slug(Path(pair.video).stem)}"
+        source = source_frames(configs[i, modes[0]], pair_dir)
+        for mode in modes:
+            run_dir = pair_dir / mode
+            print(f"[table1] pair {i} ({pair.video} :: {pair.prompt}) {mode} -> {run_dir}", file=sys.stderr)
+            row = Row("pair", str(i), pair.video, pair.prompt, mode, labels[mode], run_dir=str(run_dir))
+            row.error = run_one(configs[i, mode], run_dir, in_process=in_process)
+            if row.error:
+                print(f"[table1] {mode} on pair {i} failed: {row.error}", file=sys.stderr)
+            else:
+                row.metrics, row.memory_kind = run_metrics(run_dir, source, pair.prompt, clip, flow)
+            rows.append(row)
+    means = mean_rows(rows, len(pairs))
+    md = write_markdown(out_dir / "table1.md", means, pairs, list(overrides), flow)
+    table = write_csv(out_dir / "table1.csv", means + rows)
+    return Table1(means=means, rows=rows, markdown=md, csv=table)
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+def fmt(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+DIGITS = {"warp_error_x1e-3": 3, "clip_score": 4, "sec_per_frame_editing": 3, "sec_per_frame_total": 3, "peak_memory_mb": 1}
+
+
+def markdown_table(means: list[Row]) -> str:
+    paper = {m[0]: (m[2], m[3]) for m in METHODS}
+    head = ("method", "warp err. (x1e-3) ↓", "CLIP score ↑", "s/frame (editing)", "s/frame (total)",
+            "peak memory (MB)", "pairs", "paper warp err.", "paper CLIP")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in means:
+        m = r.metrics
+        cells = [r.label, *(fmt(m.get(k), DIGITS[k]) for k in METRICS), str(r.pairs), *(f"{v}" for v in paper[r.method])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, means: list[Row], pairs: list[Pair], overrides: list[str], flow: str) -> Path:
+    kinds = sorted({r.memory_kind for r in means if r.memory_kind})
+    text = [
+        "# Table 1: temporal consistency and edit fidelity",
+        "",
+        markdown_table(means),
+        "",
+        f"Means over {len(pairs)} pair(s): " + "; ".join(f"`{p.video}` :: \"{p.prompt}\"" for p in pairs) + ".",
+        f"Overrides: `{' '.join(overrides) or '(none)'}`. Warp error: {flow} optical flow on the source frames "
+        "(Lai et al. 2018, x1e-3). CLIP score: frame-mean cosine to the prompt, n/a without CLIP weights.",
+        f"Peak memory: {', '.join(kinds) or 'n/a'} of each run's own process. The edit runs of a pair share one "
+        "cached inversion: the first edit run's s/frame (total) includes computing it, the others reload it, so "
+        "compare methods on s/frame (editing).",
+    ]
+    for r in means:
+        if r.error:
+            text.append(f"- {r.label}: {r.error} (see table1.csv)")
+    path.write_text("\n".join(text) + "\n")
+    return path.resolve()
+
+
+def write_csv(path: Path, rows: list[Row]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for r in rows:
+            values = [fmt(r.metrics.get(k), DIGITS[k] + 3) for k in METRICS]  # more digits than the md
+            writer.writerow([r.scope, r.pair, r.video, r.prompt, r.method, r.label, *values, r.memory_kind, r.pairs,
+                             r.run_dir, r.error])
+    return path.resolve()
+
+
+# ------------------------------------------------------------------------------------- command
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hydra.errors import HydraException
+
+    from tools.clip_score import DEFAULT_MODEL
+    from tools.optical_flow import METHODS as FLOWS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.table1",
+        description="The paper's Table 1 for this implementation: LDM reconstruction, per-frame PnP, TokenFlow "
+                    "without propagation, with fixed keyframes, and TokenFlow, on each VIDEO::PROMPT pair; warp "
+                    "error, CLIP score, seconds per frame and peak memory. Writes table1.md and table1.csv.",
+    )
+    parser.add_argument("--pairs", action="append", default=[], metavar="VIDEO::PROMPT",
+                        help='a video (file, image folder or "sample") and its edit prompt; repeat for more pairs')
+    parser.add_argument("--pairs-file", default=None, help="a file of VIDEO::PROMPT lines (# comments allowed)")
+    parser.add_argument("--out-dir", default="table1", help="where runs and tables go (default ./table1)")
+    parser.add_argument("--clip-model", default=DEFAULT_MODEL,
+                        help=f"CLIP weights: a transformers CLIPModel folder or hub id (default {DEFAULT_MODEL})")
+    parser.add_argument("--no-clip", action="store_true", help="do not compute the CLIP score")
+    parser.add_argument("--flow", default="dis", choices=FLOWS, help="optical flow of the warp error (default dis)")
+    parser.add_argument("--methods", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run everything in this process (faster start; peak memory then accumulates over runs)")
+    add_run_flags(parser)
+    args = parser.parse_intermixed_args(argv)
+    try:
+        pairs = [parse_pair(p) for p in args.pairs]
+        if args.pairs_file:
+            pairs += read_pairs_file(args.pairs_file)
+        result = table1(
+            pairs, args.out_dir, overrides=flag_overrides(args), clip_model=None if args.no_clip else args.clip_model,
+            flow=args.flow, in_process=args.in_process, modes=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        )
+    except (ValueError, FileNotFoundError, HydraException) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown_table(result.means))
+    print(f"wrote {result.markdown}")
+    print(f"wrote {result.csv}")
+    failed = [r for r in result.rows if r.error]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
