@@ -94,6 +94,15 @@ def test_propagation_of_original_features_with_every_frame_a_keyframe_is_identit
     assert torch.equal(out, features[None].repeat(2, 1, 1, 1))
 
 
+def test_propagation_runs_on_the_tokens_device():
+    # neighbours are built on the CPU; tokens live on the accelerator. The meta device stands in
+    # for CUDA here: any CPU tensor mixed into the arithmetic raises.
+    nb = keyframe_neighbours([0, 1, 2], [0, 2])
+    kf_out = torch.randn(2, 2, 6, 4, device="meta")
+    out = propagate(kf_out, torch.randn(2, 6, 4, device="meta"), torch.randn(3, 6, 4, device="meta"), nb)
+    assert out.device.type == "meta" and out.shape == (2, 3, 6, 4)
+
+
 def test_propagation_combines_past_and_future_keyframes():
     torch.manual_seed(0)
     inputs = torch.randn(3, 6, 4)  # frames 0..2; keyframes 0 and 2; frame 1 == frame 0 permuted

@@ -96,5 +96,5 @@ def propagate(
     gamma_plus = nn_field(frame_inputs, keyframe_inputs[neighbours.future])  # [F, N]
     t_minus = gather_tokens(keyframe_outputs[:, neighbours.past], gamma_minus)  # [B, F, N, C]
     t_plus = gather_tokens(keyframe_outputs[:, neighbours.future], gamma_plus)
-    w = neighbours.w.to(t_plus.dtype)[None, :, None, None]  # [1, F, 1, 1]
+    w = neighbours.w.to(t_plus)[None, :, None, None]  # [1, F, 1, 1], on the tokens' device (built on the CPU)
     return w * t_plus + (1 - w) * t_minus
