@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from sampler.ddim import ddim_step
 from tokenflow.edit import edit_video_latents
 from tokenflow.pipeline import edit_settings
 from tokenflow.sample_clip import make_sample_clip
@@ -90,8 +89,8 @@ def test_token_grid():
 
 @pytest.mark.parametrize("mode,positions", [("tokenflow", [0, 1, 2, 3, 4]), ("per_frame", [1, 3])])
 def test_replayed_step_continues_the_edit_exactly(source, mode, positions):
-    """One DDIM step with the replayed step's guided output lands on the edit loop's next latents:
-    the recorded tokens are those of the real edit, not of an approximation of it."""
+    """The recorded step lands on the edit loop's own next latents: the recorded tokens are those
+    of the real edit, not of an approximation of it."""
     settings = replace(edit_settings(source.cfg), mode=mode, keyframe_interval=2)
     unet, schedule, ts = source.models.unet, source.models.config.schedule, source.timesteps
     step = 1
@@ -103,8 +102,9 @@ def test_replayed_step_continues_the_edit_exactly(source, mode, positions):
 
     now, after = latents_before(step), latents_before(step + 1)
     captured = edited_tokens(source, settings, positions, step, HIGHEST_RES_DECODER_LAYER)
-    stepped = ddim_step(schedule, captured.guided, ts[step], ts[step + 1], now[positions])
-    torch.testing.assert_close(stepped, after[positions], rtol=1e-4, atol=1e-5)
+    # per_frame runs only the chosen frames: a different batch changes float summation order (~1e-5)
+    torch.testing.assert_close(captured.next_latents, after[positions], rtol=1e-4, atol=5e-5)
+    assert not torch.allclose(now[positions], after[positions])
     assert captured.edited.shape == captured.source.shape == (len(positions), 64, 64)
     # the source branch is the original video: the same tokens the plain UNet gives
     _, original = original_tokens(source, positions, step, HIGHEST_RES_DECODER_LAYER)

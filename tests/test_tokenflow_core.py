@@ -184,3 +184,16 @@ def test_modes_differ_and_settings_are_validated():
     assert EditSettings().injection(25, 50).qk_layers == () and EditSettings().injection(39, 50).feature_layers
     assert EditSettings().injection(40, 50).feature_layers == ()
     assert EditSettings(method="sdedit").injection(0, 50).qk_layers == ()
+
+
+def test_keyframes_of_a_step_are_a_function_of_seed_and_step():
+    from dataclasses import replace
+
+    from tokenflow.edit import keyframes_at
+
+    s = EditSettings(keyframe_interval=4, seed=3)
+    assert keyframes_at(s, 20, 5) == keyframes_at(s, 20, 5)
+    assert len({tuple(keyframes_at(s, 20, k)) for k in range(20)}) > 5  # redrawn at every step
+    assert keyframes_at(replace(s, seed=4), 20, 5) != keyframes_at(s, 20, 5) or keyframes_at(replace(s, seed=4), 20, 6) != keyframes_at(s, 20, 6)
+    assert keyframes_at(replace(s, mode="per_frame"), 20, 0) is None
+    assert keyframes_at(replace(s, mode="fixed_keyframes"), 20, 7) == fixed_keyframes(20, 4)

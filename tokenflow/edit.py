@@ -133,6 +133,55 @@ def _subset(n: Neighbours, frames: list[int]) -> Neighbours:
     return Neighbours(past=n.past[frames], future=n.future[frames], w=n.w[frames])
 
 
+def keyframes_at(settings: EditSettings, n: int, step: int) -> list[int] | None:
+    """The keyframes of denoising step `step` (None in the modes without keyframes). The random
+    draw comes from a generator seeded with (seed, step), so a step's keyframes are a pure function
+    of the settings: a seeded run repeats them, and a tool can ask for any step's draw."""
+    if settings.mode == "tokenflow":
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+        return random_keyframes(n, settings.keyframe_interval, generator)
+    if settings.mode == "fixed_keyframes":
+        return fixed_keyframes(n, settings.keyframe_interval)
+    return None
+
+
+# The controls of a step are built through this callable (EditControl itself by default); a tool
+# that records tokens passes a subclass, explicitly, instead of hooking the UNet.
+ControlFactory = Callable[..., EditControl]
+
+
+def denoise_step(
+    unet: UNet, schedule: Schedule, settings: EditSettings, prompts: PromptEmbeddings, latents: Tensor, source: Tensor,
+    t: int, t_prev: int, pnp: PnPInjection, keyframes: list[int] | None, make_control: ControlFactory = EditControl,
+) -> Tensor:
+    """One step of Alg. 1 for every frame of `latents` [n, 4, h, w] (source: the original video's
+    x_t, same shape) -> the latents at t_prev."""
+    n = latents.shape[0]
+
+    def denoise(frames: list[int], control: EditControl) -> Tensor:
+        out = guided_output(unet, latents[frames], source[frames], t, prompts, control, settings.guidance_scale)
+        return ddim_step(schedule, out, t, t_prev, latents[frames])
+
+    new = torch.empty_like(latents)
+    if settings.mode in ("tokenflow", "fixed_keyframes"):
+        # (I) keyframe pass: joint edit with extended attention; only the recorded tokens are kept
+        tokens = KeyframeTokens(keyframes)
+        control = make_control(len(keyframes), pnp=pnp, joint_frames=len(keyframes), record=tokens, query_chunk=settings.query_chunk)
+        guided_output(unet, latents[keyframes], source[keyframes], t, prompts, control, settings.guidance_scale)
+        # (II) propagation pass over every frame, keyframes included
+        neighbours = keyframe_neighbours(list(range(n)), keyframes, settings.weighting)
+        for frames in batches(n, settings.batch_size):
+            propagation = Propagation(tokens, _subset(neighbours, frames))
+            new[frames] = denoise(frames, make_control(len(frames), pnp=pnp, propagation=propagation))
+    elif settings.mode == "per_frame":
+        for frames in batches(n, settings.batch_size):
+            new[frames] = denoise(frames, make_control(len(frames), pnp=pnp))
+    else:  # extended_all: every frame attends to every frame; memory grows with n^2 on CPU
+        frames = list(range(n))
+        new[:] = denoise(frames, make_control(n, pnp=pnp, joint_frames=n, query_chunk=settings.query_chunk))
+    return new
+
+
 @torch.no_grad()
 def edit_video_latents(
     unet: UNet, schedule: Schedule, settings: EditSettings, prompts: PromptEmbeddings,
@@ -140,49 +189,24 @@ def edit_video_latents(
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> tuple[Tensor, EditRecord]:
     """Alg. 1 on latents. source_latents: {t: [n, 4, h, w]} the inverted original video at every
-    sampling timestep; clean_latents: [n, 4, h, w]. Returns the edited clean latents and a record."""
+    sampling timestep; clean_latents: [n, 4, h, w]. Returns the edited clean latents and a record.
+    `progress` wraps the step iterator (a bar; it may also stop the loop early)."""
     n = clean_latents.shape[0]
     latents, timesteps = edit_start(settings, schedule, timesteps, source_latents, clean_latents)
     missing = [t for t in timesteps if t not in source_latents]
     if missing:
         raise ValueError(f"edit: no inverted latents for timesteps {missing[:5]}")
-    generator = torch.Generator().manual_seed(settings.seed)
     record = EditRecord()
     steps = range(len(timesteps)) if progress is None else progress(range(len(timesteps)))
     for step in steps:
         t = timesteps[step]
         t_prev = timesteps[step + 1] if step + 1 < len(timesteps) else -1
-        source = source_latents[t].to(latents)
-        pnp = settings.injection(step, len(timesteps))
+        keyframes = keyframes_at(settings, n, step)
         record.timesteps.append(int(t))
-
-        def denoise(frames: list[int], control: EditControl) -> Tensor:
-            out = guided_output(unet, latents[frames], source[frames], t, prompts, control, settings.guidance_scale)
-            return ddim_step(schedule, out, t, t_prev, latents[frames])
-
-        new = torch.empty_like(latents)
-        if settings.mode in ("tokenflow", "fixed_keyframes"):
-            if settings.mode == "tokenflow":
-                keyframes = random_keyframes(n, settings.keyframe_interval, generator)
-            else:
-                keyframes = fixed_keyframes(n, settings.keyframe_interval)
+        if keyframes is not None:
             record.keyframes.append(keyframes)
-            # (I) keyframe pass: joint edit with extended attention; only the recorded tokens are kept
-            tokens = KeyframeTokens(keyframes)
-            control = EditControl(len(keyframes), pnp=pnp, joint_frames=len(keyframes), record=tokens, query_chunk=settings.query_chunk)
-            guided_output(unet, latents[keyframes], source[keyframes], t, prompts, control, settings.guidance_scale)
-            # (II) propagation pass over every frame, keyframes included
-            neighbours = keyframe_neighbours(list(range(n)), keyframes, settings.weighting)
-            for frames in batches(n, settings.batch_size):
-                propagation = Propagation(tokens, _subset(neighbours, frames))
-                new[frames] = denoise(frames, EditControl(len(frames), pnp=pnp, propagation=propagation))
-            del tokens
-        elif settings.mode == "per_frame":
-            for frames in batches(n, settings.batch_size):
-                new[frames] = denoise(frames, EditControl(len(frames), pnp=pnp))
-        else:  # extended_all: every frame attends to every frame; memory grows with n^2 on CPU
-            frames = list(range(n))
-            new[:] = denoise(frames, EditControl(n, pnp=pnp, joint_frames=n, query_chunk=settings.query_chunk))
+        pnp = settings.injection(step, len(timesteps))
+        new = denoise_step(unet, schedule, settings, prompts, latents, source_latents[t].to(latents), t, t_prev, pnp, keyframes)
         if not torch.isfinite(new).all():
             raise FloatingPointError(f"edit: non-finite latents at step {step} (t={t}); try float32 or a lower guidance scale")
         latents = new

@@ -127,85 +127,139 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class Stopwatch:
+    """Seconds per named stage, in order."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = round(now - self._clock, 3)
+        self._clock = now
+
+
+@dataclass
+class SourceVideo:
+    """The original video made ready for editing (paper Alg. 1, line 1): frames as read and
+    resized, the models, clean latents, prompt embeddings and the inverted latents at every
+    sampling timestep (on the models' device and dtype)."""
+
+    cfg: dict  # the resolved configuration it was prepared with
+    video: Video
+    frames: torch.Tensor  # uint8 [n, H, W, 3]: video.frames, or the chosen positions of it
+    models: object  # tokenflow.loading.Models
+    device: str
+    dtype: torch.dtype
+    clean: torch.Tensor  # [n, 4, h, w] scaled VAE posterior means
+    prompts: PromptEmbeddings | None = None  # None when only reconstructing
+    timesteps: list[int] = field(default_factory=list)
+    source_latents: dict[int, torch.Tensor] = field(default_factory=dict)
+    inversion_cache: str | None = None
+    inversion_frames_reused: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def prepare_source(
+    cfg, out_dir: Path, *, stopwatch: Stopwatch | None = None, positions: list[int] | None = None, invert: bool = True,
+) -> SourceVideo:
+    """Read and fit the video, load the models, VAE-encode, embed the prompts and DDIM-invert
+    (cached). `positions`: only these frames of the selection (a figure of two frames needs no
+    more). `invert=False` stops after encoding (the reconstruction baseline)."""
+    watch = stopwatch or Stopwatch()
+    show = bool(cfg.get("progress", True))
+    device = pick_device(cfg["device"])
+    dtype = pick_dtype(cfg["dtype"], device)
+    video = load_video(cfg, out_dir)
+    for note in video.notes:
+        print(f"[tokenflow] {note}", file=sys.stderr)
+    if positions is None:
+        positions = list(range(video.num_frames))
+    bad = [i for i in positions if not 0 <= i < video.num_frames]
+    if bad:
+        raise ValueError(f"frames {bad} are outside the clip's {video.num_frames} selected frames (0..{video.num_frames - 1})")
+    frames = video.frames[positions]
+    n = len(positions)
+    watch.lap("read_video")
+    models = load_model_bundle(cfg, device, dtype)
+    models.unet.set_feed_forward_chunk(cfg["tokenflow"]["ff_chunk"])
+    watch.lap("load_models")
+    clean = encode_frames(models.vae, to_model_range(frames), cfg["inversion"]["batch_size"])
+    watch.lap("encode")
+    src = SourceVideo(cfg=cfg, video=video, frames=frames, models=models, device=device, dtype=dtype, clean=clean)
+    if not invert:
+        return src
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = models.tokenizer([cfg["inversion_prompt"], cfg["negative_prompt"], cfg["prompt"]])
+    src.warnings = [str(w.message) for w in caught]
+    for message in src.warnings:
+        print(f"[tokenflow] warning: {message}", file=sys.stderr)
+    with torch.no_grad():
+        emb = models.text_encoder(ids.to(device))
+    src.prompts = PromptEmbeddings(source=emb[0:1], negative=emb[1:2], target=emb[2:3])
+    schedule = models.config.schedule
+    src.timesteps = schedule.timesteps(cfg["steps"]).tolist()
+    inv = cfg["inversion"]
+    cache = None
+    if inv["cache"]:
+        cache = InversionCache.for_run(
+            inv["cache_dir"], video_digest=video_digest(video.path), indices=[video.indices[i] for i in positions],
+            size=[video.height, video.width], model_id=str(cfg["model"]["source"]), inversion_steps=inv["steps"],
+            keep_timesteps=src.timesteps, prompt=cfg["inversion_prompt"],
+            extra={"dtype": str(dtype).replace("torch.", ""),
+                   "seed": cfg["model"].get("seed", 0) if cfg["model"]["source"] == "tiny" else None},
+        )
+        if inv["force"]:
+            cache.clear()
+        src.inversion_cache = str(cache.dir)
+    watch.lap("encode_prompts")
+    inversion_grid = [t for t in schedule.timesteps(inv["steps"]).tolist() if t <= max(src.timesteps)]
+    bar = FrameStepBar("inversion", n * len(inversion_grid), show)
+
+    def reused(k: int) -> None:
+        src.inversion_frames_reused = k
+        bar.bar.total -= k * len(inversion_grid)  # cached frames cost nothing: keep the ETA honest
+        bar.bar.refresh()
+        print(f"[tokenflow] reusing cached inversion of {k}/{n} frames from {cache.dir}", file=sys.stderr)
+
+    source_latents = invert_frames(
+        models.unet, schedule, clean, src.prompts.source, inversion_steps=inv["steps"], keep_timesteps=src.timesteps,
+        batch_size=inv["batch_size"], cache=cache, on_progress=bar, on_reuse=reused,
+    )
+    bar.close()
+    src.source_latents = {t: x.to(device, dtype) for t, x in source_latents.items()}
+    watch.lap("inversion")
+    return src
+
+
 def run_edit(cfg, out_dir: Path | str) -> RunFacts:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     is_reconstruction = cfg["tokenflow"]["mode"] == RECONSTRUCTION
-    settings = None if is_reconstruction else edit_settings(cfg)  # validates modes and fractions early
+    # cheap checks first: nothing runs (or is written) for a bad mode, fraction or prompt
+    settings = None if is_reconstruction else edit_settings(cfg)
     prompt = cfg["prompt"] if is_reconstruction else check_prompt(cfg["prompt"], "prompt")
-    device = pick_device(cfg["device"])
-    dtype = pick_dtype(cfg["dtype"], device)
+    pick_dtype(cfg["dtype"], pick_device(cfg["device"]))
     show = bool(cfg.get("progress", True))
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
+    watch = Stopwatch()
 
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(now - clock, 3)
-        clock = now
-
-    video = load_video(cfg, out_dir)
-    n = video.num_frames
-    lap("read_video")
-    models = load_model_bundle(cfg, device, dtype)
-    models.unet.set_feed_forward_chunk(cfg["tokenflow"]["ff_chunk"])
-    lap("load_models")
+    src = prepare_source(cfg, out_dir, stopwatch=watch, invert=not is_reconstruction)
+    video, models, n = src.video, src.models, src.frames.shape[0]
     facts = RunFacts(
         video=str(video.path), frames=n, source_indices=list(video.indices), size=[video.height, video.width],
         fps=str(video.output_fps), notes=list(video.notes), model=str(cfg["model"]["source"]),
-        mode=cfg["tokenflow"]["mode"], method=cfg["method"]["name"], prompt=prompt, device=device, dtype=str(dtype).replace("torch.", ""),
+        mode=cfg["tokenflow"]["mode"], method=cfg["method"]["name"], prompt=prompt, device=src.device,
+        dtype=str(src.dtype).replace("torch.", ""), inversion_cache=src.inversion_cache,
+        inversion_frames_reused=src.inversion_frames_reused, warnings=list(src.warnings),
     )
-    for note in video.notes:
-        print(f"[tokenflow] {note}", file=sys.stderr)
-
-    images = to_model_range(video.frames)
-    clean = encode_frames(models.vae, images, cfg["inversion"]["batch_size"])
-    lap("encode")
 
     if is_reconstruction:
-        edited_latents = clean
+        edited_latents = src.clean
     else:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ids = models.tokenizer([cfg["inversion_prompt"], cfg["negative_prompt"], prompt])
-        facts.warnings += [str(w.message) for w in caught]
-        for w in caught:
-            print(f"[tokenflow] warning: {w.message}", file=sys.stderr)
-        with torch.no_grad():
-            emb = models.text_encoder(ids.to(device))
-        prompts = PromptEmbeddings(source=emb[0:1], negative=emb[1:2], target=emb[2:3])
-        schedule = models.config.schedule
-        timesteps = schedule.timesteps(cfg["steps"]).tolist()
-        inv = cfg["inversion"]
-        cache = None
-        if inv["cache"]:
-            cache = InversionCache.for_run(
-                inv["cache_dir"], video_digest=video_digest(video.path), indices=list(video.indices),
-                size=[video.height, video.width], model_id=str(cfg["model"]["source"]), inversion_steps=inv["steps"],
-                keep_timesteps=timesteps, prompt=cfg["inversion_prompt"],
-                extra={"dtype": facts.dtype, "seed": cfg["model"].get("seed", 0) if cfg["model"]["source"] == "tiny" else None},
-            )
-            if inv["force"]:
-                cache.clear()
-            facts.inversion_cache = str(cache.dir)
-        lap("encode_prompts")
-        inversion_grid = [t for t in schedule.timesteps(inv["steps"]).tolist() if t <= max(timesteps)]
-        bar = FrameStepBar("inversion", n * len(inversion_grid), show)
-
-        def reused(k: int) -> None:
-            facts.inversion_frames_reused = k
-            bar.bar.total -= k * len(inversion_grid)  # cached frames cost nothing: keep the ETA honest
-            bar.bar.refresh()
-            print(f"[tokenflow] reusing cached inversion of {k}/{n} frames from {cache.dir}", file=sys.stderr)
-
-        source_latents = invert_frames(
-            models.unet, schedule, clean, prompts.source, inversion_steps=inv["steps"], keep_timesteps=timesteps,
-            batch_size=inv["batch_size"], cache=cache, on_progress=bar, on_reuse=reused,
-        )
-        bar.close()
-        lap("inversion")
-        sample_bar = FrameStepBar(f"editing ({settings.mode}, {settings.method})", n * len(timesteps), show)
+        sample_bar = FrameStepBar(f"editing ({settings.mode}, {settings.method})", n * len(src.timesteps), show)
 
         def progress(steps):
             for s in steps:
@@ -213,28 +267,28 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
                 sample_bar(n)
 
         edited_latents, record = edit_video_latents(
-            models.unet, schedule, settings, prompts, {t: x.to(device, dtype) for t, x in source_latents.items()},
-            clean, timesteps, progress=progress,
+            models.unet, models.config.schedule, settings, src.prompts, src.source_latents, src.clean, src.timesteps,
+            progress=progress,
         )
         sample_bar.close()
         facts.keyframes_per_step, facts.timesteps = record.keyframes, record.timesteps
-        lap("editing")
+        watch.lap("editing")
 
     edited = from_model_range(decode_latents(models.vae, edited_latents, cfg["inversion"]["batch_size"]))
-    lap("decode")
+    watch.lap("decode")
 
     outputs = {"edited": write_video(out_dir / "edited.mp4", edited, video.output_fps, crf=cfg["output"]["crf"])}
     if cfg["output"]["side_by_side"]:
-        outputs["side_by_side"] = write_video(out_dir / "side_by_side.mp4", side_by_side(video.frames, edited), video.output_fps, crf=cfg["output"]["crf"])
+        outputs["side_by_side"] = write_video(out_dir / "side_by_side.mp4", side_by_side(src.frames, edited), video.output_fps, crf=cfg["output"]["crf"])
     if cfg["output"]["png_frames"]:
         write_png_frames(out_dir / "frames", edited)
         outputs["png_frames"] = out_dir / "frames"
-    lap("write")
+    watch.lap("write")
 
-    facts.timings_s = timings
-    facts.seconds_per_frame = {k: round(v / n, 4) for k, v in timings.items() if k in ("encode", "inversion", "editing", "decode")}
+    facts.timings_s = watch.timings
+    facts.seconds_per_frame = {k: round(v / n, 4) for k, v in watch.timings.items() if k in ("encode", "inversion", "editing", "decode")}
     facts.peak_memory_mb = {"cpu_rss": round(_peak_rss_mb(), 1)}
-    if device.startswith("cuda"):
+    if src.device.startswith("cuda"):
         facts.peak_memory_mb["cuda_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     facts.outputs = {k: str(v) for k, v in outputs.items()}
     tmp = out_dir / "run.json.tmp"

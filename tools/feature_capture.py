@@ -1,33 +1,28 @@
 """Capturing self-attention tokens for the paper's figures, with explicit controls (no hooks).
 
-Two recorders:
 - `TokenRecorder` (a plain `UNetControl`): runs every self-attention as usual and keeps the input
   and output tokens of ONE layer. For the original video's features (Fig. 3: the NN field).
-- `RecordingEditControl` (an `EditControl`): behaves exactly as the edit's control and keeps the
-  output tokens of one layer for the source branch and the conditional branch (Fig. 2).
+- `LayerRecorder`: a control factory for `tokenflow.edit.denoise_step`; the controls it builds are
+  the edit's own `EditControl`s that also keep one layer's output tokens of the source and the
+  conditional branch (Fig. 2).
 
-How Fig. 2 gets the edited features at step s without touching tokenflow/edit.py (which builds its
-controls inside the loop, with no seam for a recording one): `edit_video_latents` takes a `progress`
-wrapper around its step iterator; `stop_before(s)` ends that iterator at step s, so the loop returns
-the edited latents J_{t_s} exactly as a full run has them at step s (same timesteps, same PnP
-injection schedule, same keyframe draws for steps < s). Step s itself is then replayed by hand with
-`guided_output` and the same controls edit.py builds (keyframe pass + propagation pass for
-TokenFlow, one pass for per-frame), with a recording control in the pass whose tokens we keep.
+Edited features at step s: `edit_video_latents` runs the edit up to step s (`stop_before(s)` ends
+its step loop), then `denoise_step` runs step s itself with the recording factory; the keyframes
+of step s come from `keyframes_at`, the same pure function of (seed, step) the edit uses.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from tokenflow.controls import EditControl, KeyframeTokens, Propagation
-from tokenflow.edit import EditSettings, PromptEmbeddings, edit_start, edit_video_latents, guided_output
-from tokenflow.keyframes import fixed_keyframes, random_keyframes
-from tokenflow.propagation import Neighbours, keyframe_neighbours
+from tokenflow.controls import EditControl
+from tokenflow.edit import EditSettings, denoise_step, edit_start, edit_video_latents, keyframes_at
+from tokenflow.pipeline import SourceVideo
+from tokenflow.pipeline import prepare_source as _prepare_pipeline_source
 from unet.control import UNetControl
 
 HIGHEST_RES_DECODER_LAYER = "up_blocks.3.attentions.2.transformer_blocks.0.attn1"
@@ -48,22 +43,31 @@ class TokenRecorder(UNetControl):
         return out
 
 
-class RecordingEditControl(EditControl):
-    """EditControl that also keeps the output tokens of `layer`: `source` [F, N, C] (original video
-    branch) and `conditional` [F, N, C] (the edit as the target prompt sees it)."""
+class LayerRecorder:
+    """Control factory for `denoise_step`: its controls keep `layer`'s output tokens of the source
+    branch and of the conditional branch, batch after batch, for the passes that produce frames'
+    outputs (the propagation or per-frame passes; not the keyframe pass, which only records T_base)."""
 
-    def __init__(self, frames: int, layer: str, **kwargs):
-        super().__init__(frames, **kwargs)
+    def __init__(self, layer: str):
         self.layer = layer
-        self.source: Tensor | None = None
-        self.conditional: Tensor | None = None
+        self.source: list[Tensor] = []  # [F_batch, N, C] per batch, in frame order
+        self.conditional: list[Tensor] = []
+
+    def control(self, frames: int, **kwargs) -> EditControl:
+        return _RecordingEditControl(frames, self, **kwargs)
+
+
+class _RecordingEditControl(EditControl):
+    def __init__(self, frames: int, recorder: LayerRecorder, **kwargs):
+        super().__init__(frames, **kwargs)
+        self.recorder = recorder
 
     def self_attention(self, attn, x: Tensor) -> Tensor:
         out = super().self_attention(attn, x)  # [3F, N, C]: source | unconditional | conditional
-        if attn.path == self.layer:
+        if attn.path == self.recorder.layer and self.record is None:
             f = self.frames
-            self.source = out[:f].detach().float().cpu()
-            self.conditional = out[2 * f :].detach().float().cpu()
+            self.recorder.source.append(out[:f].detach().float().cpu())
+            self.recorder.conditional.append(out[2 * f :].detach().float().cpu())
         return out
 
 
@@ -88,69 +92,10 @@ def token_grid(n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------ the source
 
 
-@dataclass
-class SourceVideo:
-    """The original video prepared as run_edit prepares it: frames, models, latents, inversion."""
-
-    cfg: dict
-    frames: Tensor  # uint8 [n, H, W, 3] as the pipeline read and resized them
-    indices: list[int]  # position of each kept frame in the pipeline's selection
-    models: object  # tokenflow.loading.Models
-    clean: Tensor  # [n, 4, h, w]
-    prompts: PromptEmbeddings
-    timesteps: list[int]  # the sampling grid (cfg.steps)
-    source_latents: dict[int, Tensor]  # t -> [n, 4, h, w], device and dtype of the models
-
-
-def prepare_source(cfg: dict, work_dir: Path | str, *, prompt: str | None = None, frames: list[int] | None = None) -> SourceVideo:
-    """Read, encode and DDIM-invert the video of `cfg` (cached as the pipeline caches it), and embed
-    the prompts. `frames`: only these positions of the selection (e.g. the two frames of Fig. 3)."""
-    from tokenflow.inversion import encode_frames, invert_frames
-    from tokenflow.inversion_cache import InversionCache, video_digest
-    from tokenflow.pipeline import check_prompt, load_model_bundle, load_video, pick_device, pick_dtype
-    from tokenflow.video import to_model_range
-
-    work_dir = Path(work_dir)
-    video = load_video(cfg, work_dir)
-    for note in video.notes:
-        print(f"[figures] {note}", file=sys.stderr)
-    positions = list(range(video.num_frames)) if frames is None else list(frames)
-    bad = [i for i in positions if not 0 <= i < video.num_frames]
-    if bad:
-        raise ValueError(f"frames {bad} are outside the clip's {video.num_frames} selected frames (0..{video.num_frames - 1})")
-    device = pick_device(cfg["device"])
-    dtype = pick_dtype(cfg["dtype"], device)
-    models = load_model_bundle(cfg, device, dtype)
-    chosen = video.frames[positions]
-    clean = encode_frames(models.vae, to_model_range(chosen), cfg["inversion"]["batch_size"])
-    target = check_prompt(cfg["prompt"] if prompt is None else prompt, "prompt")
-    ids = models.tokenizer([cfg["inversion_prompt"], cfg["negative_prompt"], target])
-    with torch.no_grad():
-        emb = models.text_encoder(ids.to(device))
-    prompts = PromptEmbeddings(source=emb[0:1], negative=emb[1:2], target=emb[2:3])
-    schedule = models.config.schedule
-    timesteps = schedule.timesteps(cfg["steps"]).tolist()
-    inv = cfg["inversion"]
-    cache = None
-    if inv["cache"]:
-        # the same key fields as the pipeline: a full-clip figure reuses the edit's inversion
-        cache = InversionCache.for_run(
-            inv["cache_dir"], video_digest=video_digest(video.path), indices=[video.indices[i] for i in positions],
-            size=[video.height, video.width], model_id=str(cfg["model"]["source"]), inversion_steps=inv["steps"],
-            keep_timesteps=timesteps, prompt=cfg["inversion_prompt"],
-            extra={"dtype": str(dtype).replace("torch.", ""),
-                   "seed": cfg["model"].get("seed", 0) if cfg["model"]["source"] == "tiny" else None},
-        )
-        if inv["force"]:
-            cache.clear()
-    source_latents = invert_frames(
-        models.unet, schedule, clean, prompts.source, inversion_steps=inv["steps"], keep_timesteps=timesteps,
-        batch_size=inv["batch_size"], cache=cache,
-    )
-    return SourceVideo(
-        cfg=cfg, frames=chosen, indices=positions, models=models, clean=clean, prompts=prompts, timesteps=timesteps,
-        source_latents={t: x.to(device, dtype) for t, x in source_latents.items()},
-    )
+def prepare_source(cfg: dict, work_dir: Path | str, *, frames: list[int] | None = None) -> SourceVideo:
+    """The video of `cfg` read, encoded, inverted (cached) and its prompts embedded, exactly as the
+    pipeline does; `frames`: only these positions of the selection (e.g. the two frames of Fig. 3)."""
+    return _prepare_pipeline_source(cfg, Path(work_dir), positions=frames)
 
 
 def default_step(n_steps: int) -> int:
@@ -191,24 +136,13 @@ def stop_before(step: int):
     return progress
 
 
-def step_keyframes(settings: EditSettings, n: int, step: int) -> list[int]:
-    """The keyframes edit.py uses at `step`: its generator (seeded with settings.seed) draws once per
-    step, so the step's draw is the (step+1)-th."""
-    if settings.mode == "fixed_keyframes":
-        return fixed_keyframes(n, settings.keyframe_interval)
-    generator = torch.Generator().manual_seed(settings.seed)
-    for _ in range(step + 1):
-        keyframes = random_keyframes(n, settings.keyframe_interval, generator)
-    return keyframes
-
-
 @dataclass
 class StepTokens:
     source: Tensor  # [F, N, C] self-attention outputs of the original video's branch
     edited: Tensor  # [F, N, C] of the conditional (target prompt) branch
     timestep: int
     keyframes: list[int] | None  # the step's keyframes (TokenFlow modes)
-    guided: Tensor  # [F, 4, h, w] the step's guided model output for these frames (what the DDIM step uses)
+    next_latents: Tensor  # [F, 4, h, w] these frames' latents after the step (what the edit continues from)
 
 
 @torch.no_grad()
@@ -219,44 +153,23 @@ def edited_tokens(src: SourceVideo, settings: EditSettings, positions: list[int]
     check_layer(unet, layer)
     if settings.mode not in ("per_frame", "tokenflow", "fixed_keyframes"):
         raise ValueError(f"feature capture supports the per_frame, tokenflow and fixed_keyframes modes, not {settings.mode!r}")
-    n = src.clean.shape[0]
     _, run_timesteps = edit_start(settings, schedule, src.timesteps, src.source_latents, src.clean)
     check_step(step, len(run_timesteps))
-
-    if settings.mode == "per_frame":
-        # frames are edited independently: running only the chosen ones gives their exact latents
-        frames = list(positions)
-        latents, _ = edit_video_latents(
-            unet, schedule, settings, src.prompts, {t: x[frames] for t, x in src.source_latents.items()},
-            src.clean[frames], src.timesteps, progress=stop_before(step),
-        )
-        local = list(range(len(frames)))
-    else:  # propagation needs every frame's latents (the keyframes can be any of them)
-        latents, record = edit_video_latents(
-            unet, schedule, settings, src.prompts, src.source_latents, src.clean, src.timesteps, progress=stop_before(step),
-        )
-        local = list(positions)
-        drawn = [step_keyframes(settings, n, s) for s in range(step)]
-        if drawn != record.keyframes:  # edit.py changed how it draws keyframes: fail loudly, not silently off
-            raise RuntimeError(f"keyframe replay mismatch: edit drew {record.keyframes}, replay drew {drawn}")
-
+    # per-frame edits are independent: the chosen frames alone give their exact latents; propagation
+    # needs every frame (the keyframes can be any of them)
+    frames = list(positions) if settings.mode == "per_frame" else list(range(src.clean.shape[0]))
+    local = list(range(len(frames))) if settings.mode == "per_frame" else list(positions)
+    source_latents = {t: x[frames] for t, x in src.source_latents.items()}
+    latents, _ = edit_video_latents(
+        unet, schedule, settings, src.prompts, source_latents, src.clean[frames], src.timesteps, progress=stop_before(step),
+    )
     t = run_timesteps[step]
-    source = src.source_latents[t]
-    pnp = settings.injection(step, len(run_timesteps))
-    scale = settings.guidance_scale
-    if settings.mode == "per_frame":
-        control = RecordingEditControl(len(positions), layer, pnp=pnp)
-        guided = guided_output(unet, latents[local], source[positions], t, src.prompts, control, scale)
-        return StepTokens(control.source, control.conditional, int(t), None, guided)
-
-    keyframes = step_keyframes(settings, n, step)
-    # (I) keyframe pass, as edit.py: joint edit of the keyframes, recording T_base
-    tokens = KeyframeTokens(keyframes)
-    kf_control = EditControl(len(keyframes), pnp=pnp, joint_frames=len(keyframes), record=tokens, query_chunk=settings.query_chunk)
-    guided_output(unet, latents[keyframes], source[keyframes], t, src.prompts, kf_control, scale)
-    # (II) propagation pass of the chosen frames (each frame's output depends only on itself and T_base)
-    every = keyframe_neighbours(list(range(n)), keyframes, settings.weighting)
-    neighbours = Neighbours(past=every.past[local], future=every.future[local], w=every.w[local])
-    control = RecordingEditControl(len(local), layer, pnp=pnp, propagation=Propagation(tokens, neighbours))
-    guided = guided_output(unet, latents[local], source[local], t, src.prompts, control, scale)
-    return StepTokens(control.source, control.conditional, int(t), keyframes, guided)
+    t_prev = run_timesteps[step + 1] if step + 1 < len(run_timesteps) else -1
+    keyframes = keyframes_at(settings, len(frames), step)
+    recorder = LayerRecorder(layer)
+    new = denoise_step(
+        unet, schedule, settings, src.prompts, latents, source_latents[t], t, t_prev,
+        settings.injection(step, len(run_timesteps)), keyframes, make_control=recorder.control,
+    )
+    source, edited = torch.cat(recorder.source), torch.cat(recorder.conditional)
+    return StepTokens(source[local], edited[local], int(t), keyframes, new[local])
