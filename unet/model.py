@@ -199,15 +199,18 @@ class FeedForward(nn.Module):
         super().__init__()
         # keys ff.net.0.proj and ff.net.2 (index 1 was a dropout in the original)
         self.net = nn.ModuleList([GEGLU(channels, channels * mult), nn.Identity(), nn.Linear(channels * mult, channels)])
-        # Tokens per chunk (None: all at once). The GEGLU's inner activation is 8x the width of its
-        # input ([B, 4096, 2560] per frame at 512 px): the largest tensor of a big keyframe batch.
-        # Tokens are independent here, so chunking changes memory, not results.
+        # Tokens per chunk, counted over the whole batch (None: all at once). The GEGLU's
+        # projection is 16x the width of its input ([B, 4096, 5120] per frame at 512 px): the
+        # largest tensor of a big keyframe batch. Tokens are independent here, so chunking the
+        # flattened batch changes memory, not results, and bounds it whatever the batch.
         self.chunk: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.chunk is None or x.shape[1] <= self.chunk:
+        b, n, c = x.shape
+        if self.chunk is None or b * n <= self.chunk:
             return self.net[2](self.net[0](x))
-        return torch.cat([self.net[2](self.net[0](part)) for part in x.split(self.chunk, dim=1)], dim=1)
+        flat = x.reshape(b * n, c)  # [B, N, C] -> [B*N, C]: every token of every frame in one row
+        return torch.cat([self.net[2](self.net[0](part)) for part in flat.split(self.chunk)]).reshape(b, n, c)
 
 
 class TransformerBlock(nn.Module):
