@@ -142,6 +142,9 @@ def test_keyframe_pass_records_tokens_and_propagation_pass_uses_them():
     assert len(tokens.edited_outputs) == 16 and len(tokens.source_inputs) == 16  # every self-attention
     shape = tokens.edited_outputs["up_blocks.3.attentions.2.transformer_blocks.0.attn1"].shape
     assert shape == (2, 3, 64, 64)
+    # what is kept for the whole step holds only its own bytes, not the [3F, N, C] batch it came from
+    for recorded in (*tokens.edited_outputs.values(), *tokens.source_inputs.values()):
+        assert recorded.untyped_storage().nbytes() == recorded.numel() * recorded.element_size()
     nb = keyframe_neighbours([0, 1, 2], [0, 1, 2])
     with torch.no_grad():
         out = unet(x, 500, ctx, EditControl(frames, propagation=Propagation(tokens, nb)))

@@ -93,7 +93,8 @@ class EditControl(UNetControl):
             raise ValueError(f"EditControl: batch {b} is not 3 branches x {f} frames")
         source_x = x[:f]  # [F, N, C] the original video's self-attention inputs: phi(x_t^i)
         if self.record is not None:
-            self.record.source_inputs[attn.path] = source_x
+            # a copy, not the view x[:F]: a view would keep all three branches' inputs alive
+            self.record.source_inputs[attn.path] = source_x.clone()
 
         if self.propagation is not None:
             # TokenFlow (Eq. 6): edited tokens come from the keyframes through the NN field of the
@@ -114,7 +115,7 @@ class EditControl(UNetControl):
         )
         out = attn.to_out[0](torch.cat([source_out, edited_out]))
         if self.record is not None:
-            self.record.edited_outputs[attn.path] = out[f:].reshape(2, f, n, c)  # T_base
+            self.record.edited_outputs[attn.path] = out[f:].reshape(2, f, n, c).clone()  # T_base (own storage, as above)
         return out
 
     def resnet_residual(self, path: str, h: Tensor) -> Tensor:
