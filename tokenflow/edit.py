@@ -103,7 +103,7 @@ def edit_start(
     SDEdit: the clean latents noised to the strength's timestep, one noise map shared by every
     frame (seeded), so the frames start alike; the remaining steps follow."""
     if settings.method == "pnp":
-        return source_latents[timesteps[0]].clone(), list(timesteps)
+        return source_latents[timesteps[0]].to(clean_latents, copy=True), list(timesteps)
     n = len(timesteps)
     n_run = int(n * settings.sdedit_strength)
     if not 0.0 < settings.sdedit_strength <= 1.0 or n_run == 0:

@@ -144,7 +144,8 @@ class Stopwatch:
 class SourceVideo:
     """The original video made ready for editing (paper Alg. 1, line 1): frames as read and
     resized, the models, clean latents, prompt embeddings and the inverted latents at every
-    sampling timestep (on the models' device and dtype)."""
+    sampling timestep (in the models' dtype, kept in host memory: [n, 4, h, w] per timestep adds up
+    to steps x n latents, so each step moves only its own timestep to the device)."""
 
     cfg: dict  # the resolved configuration it was prepared with
     video: Video
@@ -230,7 +231,7 @@ def prepare_source(
         batch_size=inv["batch_size"], cache=cache, on_progress=bar, on_reuse=reused,
     )
     bar.close()
-    src.source_latents = {t: x.to(device, dtype) for t, x in source_latents.items()}
+    src.source_latents = {t: x.to(dtype) for t, x in source_latents.items()}  # stays on the CPU
     watch.lap("inversion")
     return src
 

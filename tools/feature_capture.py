@@ -117,7 +117,7 @@ def original_tokens(src: SourceVideo, positions: list[int], step: int, layer: st
     check_step(step, len(src.timesteps))
     check_layer(src.models.unet, layer)
     t = src.timesteps[step]
-    x = src.source_latents[t][positions]
+    x = src.source_latents[t][positions].to(src.device)
     recorder = TokenRecorder(layer)
     with torch.no_grad():
         src.models.unet(x, t, src.prompts.source.expand(len(positions), -1, -1).to(x.dtype), recorder)
@@ -168,7 +168,7 @@ def edited_tokens(src: SourceVideo, settings: EditSettings, positions: list[int]
     keyframes = keyframes_at(settings, len(frames), step)
     recorder = LayerRecorder(layer)
     new = denoise_step(
-        unet, schedule, settings, src.prompts, latents, source_latents[t], t, t_prev,
+        unet, schedule, settings, src.prompts, latents, source_latents[t].to(latents), t, t_prev,
         settings.injection(step, len(run_timesteps)), keyframes, make_control=recorder.control,
     )
     source, edited = torch.cat(recorder.source), torch.cat(recorder.conditional)
