@@ -1,0 +1,88 @@
+"""tools.memory_estimate: the live-bytes counter against hand-counted allocations, attention counted
+as a fused kernel, and the estimate of a TokenFlow step against the recorded tensors' own sizes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tools.memory_estimate import FusedAttention, LiveBytes, estimate, main
+from unet.model import UNetConfig
+
+MIB = 2**20
+
+
+def test_live_bytes_counts_storages_once_and_forgets_freed_ones():
+    before = torch.empty(1000, device="meta")  # made before counting: not counted
+    with LiveBytes() as live:
+        a = torch.empty(256, 1024, device="meta", dtype=torch.float16)  # 0.5 MiB
+        view = a[:10].t()  # a view: same storage
+        b = torch.empty(MIB, device="meta", dtype=torch.uint8)  # 1 MiB
+        assert live.now == 1.5 * MIB
+        c = before + 1  # a new 4000-byte tensor
+        assert live.now == 1.5 * MIB + 4000
+        del a  # the view keeps the storage alive
+        assert live.now == 1.5 * MIB + 4000
+        del view, c
+        assert live.now == MIB
+        live.start_phase("second")
+        d = torch.empty(MIB // 2, device="meta", dtype=torch.uint8)
+        del b, d
+    assert live.now == 0 and live.peak == 1.5 * MIB + 4000
+    assert live.phase_peaks == {"second": 1.5 * MIB}
+
+
+def test_attention_is_counted_without_a_score_matrix():
+    q = torch.empty(2, 5, 4096, 64, device="meta", dtype=torch.float16)
+    with LiveBytes() as math_path:
+        F.scaled_dot_product_attention(q, q, q)
+    with FusedAttention(), LiveBytes() as fused:
+        out = F.scaled_dot_product_attention(q, q, q)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    output, lse = q.numel() * 2, 2 * 5 * 4096 * 4
+    assert fused.peak == output + lse
+    assert math_path.peak >= 2 * 5 * 4096 * 4096 * 2  # the [B, h, N, N] scores a fused kernel never holds
+
+
+@pytest.fixture(scope="module")
+def small():
+    # 64 px frames keep the full-size UNet's meta run quick; 24 frames -> 3 keyframes
+    return {n: estimate(n, size=64, keyframe_interval=8, batch_size=4) for n in (24, 48)}
+
+
+def test_recorded_tokens_are_three_copies_of_every_self_attention_input(small):
+    cfg = UNetConfig.sd21_base()
+    # self-attention layers per level: 2 down + 3 up, + 1 in the middle block; 64 px -> 8x8 latents
+    tokens_channels = 0
+    for level, ch in enumerate(cfg.block_out_channels):
+        if cfg.attention_levels[level]:
+            tokens_channels += 5 * (8 >> level) ** 2 * ch
+    tokens_channels += (8 >> 3) ** 2 * cfg.block_out_channels[-1]
+    for n, est in small.items():
+        keyframes = n // 8
+        assert est.keyframes == keyframes
+        # source inputs + two edited branches' outputs, float16
+        assert est.recorded_gib * 2**30 == 3 * keyframes * tokens_channels * 2
+
+
+def test_step_memory_grows_with_keyframes_not_with_frames_per_batch(small):
+    a, b = small[24], small[48]
+    assert a.weights_gib == b.weights_gib and 2.3 < a.weights_gib < 2.5  # 1.29 G parameters in float16
+    assert b.latents_gib == 2 * a.latents_gib
+    # the propagation batch is the same 4 frames: only what the step keeps (recorded tokens, latents) differs
+    grown = (b.propagation_peak_gib - a.propagation_peak_gib) - (b.recorded_gib - a.recorded_gib)
+    assert abs(grown) * 2**30 <= 3 * 48 * 4 * 8 * 8 * 2  # at most a few latent-sized tensors
+    assert b.keyframe_pass_peak_gib > a.keyframe_pass_peak_gib
+    assert b.total_gib > b.weights_gib + b.recorded_gib
+
+
+def test_cli_prints_the_table_and_rejects_bad_sizes(tmp_path, capsys):
+    out = tmp_path / "mem.md"
+    assert main(["--frames", "16", "--size", "64", "--markdown", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "| 16 | 2 | " in out.read_text() and out.read_text() in printed.out
+    assert f"wrote {out}" in printed.err
+    with pytest.raises(SystemExit):
+        main(["--frames", "16", "--size", "100"])
+    assert "size a multiple of 64, got 16 and 100" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--frames", "0"])
