@@ -116,6 +116,21 @@ def _check_grid(schedule: Schedule, timesteps, what: str) -> list[int]:
     return ts
 
 
+def inversion_timesteps(schedule: Schedule, num_inversion_steps: int, keep_timesteps: Iterable[int]) -> list[int]:
+    """The timesteps DDIM inversion steps through, ascending: the `num_inversion_steps` grid and
+    the keep timesteps merged, up to the largest keep timestep (nothing above it is returned).
+
+    Merging makes any inversion step count usable with any sampling grid: a keep timestep the grid
+    lacks becomes one more (shorter) step of the same deterministic map, and the sampler later
+    starts from exactly the latents it needs."""
+    keep = sorted({int(t) for t in keep_timesteps})
+    if not keep:
+        raise ValueError("invert: keep_timesteps is empty: nothing to return")
+    _check_grid(schedule, keep[::-1], "invert keep_timesteps")
+    grid = schedule.timesteps(num_inversion_steps).tolist()
+    return sorted(t for t in set(grid) | set(keep) if t <= keep[-1])
+
+
 def invert(
     model_fn: ModelFn,
     x0: torch.Tensor,
@@ -126,10 +141,12 @@ def invert(
 ) -> dict[int, torch.Tensor]:
     """Deterministic DDIM inversion of clean latents x0 over the `num_inversion_steps` grid.
 
-    Returns {t: x_t} for every t in keep_timesteps (typically the 50 sampling timesteps). Every
-    keep timestep must lie on the inversion grid (leading spacing, offset 1: 50 sampling steps sit
-    on the 50-, 500- and 1000-step grids); otherwise ValueError. The loop stops at the largest keep
-    timestep, since nothing above it is returned.
+    Returns {t: x_t} for every t in keep_timesteps (typically the 50 sampling timesteps). Any
+    number of inversion steps works: the path visits the inversion grid and the keep timesteps
+    together (`inversion_timesteps`), so a keep timestep off the grid (50 sampling steps under 333
+    inversion steps, say) is simply one more stop on the way up. On the grids that already contain
+    the sampling timesteps (50 under 50, 500 or 1000 steps) nothing is added. The loop stops at the
+    largest keep timestep, since nothing above it is returned.
 
     Convention (as diffusers' DDIMInverseScheduler, the TokenFlow / PnP / null-text inversion code):
     the step from grid point s to the next grid point r calls model_fn(x_s, r), i.e. the current
@@ -144,18 +161,8 @@ def invert(
     progress: optional wrapper around the step iterable (e.g. tqdm) to show a bar.
     Run under torch.no_grad() with a real model: nothing here needs gradients.
     """
-    grid = schedule.timesteps(num_inversion_steps).tolist()[::-1]  # ascending
-    on_grid = set(grid)
-    keep = sorted({int(t) for t in keep_timesteps})
-    if not keep:
-        raise ValueError("invert: keep_timesteps is empty: nothing to return")
-    off_grid = [t for t in keep if t not in on_grid]
-    if off_grid:
-        raise ValueError(
-            f"invert: keep timesteps {off_grid[:5]} are not on the {num_inversion_steps}-step inversion grid "
-            f"({grid[:3]}...{grid[-2:]}); pick a step count whose grid contains the sampling timesteps"
-        )
-    grid = grid[: grid.index(keep[-1]) + 1]
+    grid = inversion_timesteps(schedule, num_inversion_steps, keep_timesteps)
+    keep = set(int(t) for t in keep_timesteps)
     sources = [-1] + grid[:-1]
     steps = range(len(grid))
     if progress is not None:
