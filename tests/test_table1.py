@@ -18,8 +18,12 @@ TINY = ["--model", "tiny", "--size", "64", "--steps", "2", "inversion.steps=4"]
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
+def offline(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the default CLIP id must fail fast, from the cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # for the runs in fresh processes
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # an empty cache of our own
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +117,23 @@ def test_bad_input_is_refused_before_running(tmp_path, clips, capsys):
     assert "no (video, prompt) pairs" in capsys.readouterr().err
     assert main(["--pairs", f"{clips[0]}::x", "--methods", "tokenflow,magic", "--out-dir", str(out), *TINY]) == 2
     assert "unknown methods ['magic']" in capsys.readouterr().err
+
+
+def test_a_failing_pair_is_a_row_with_its_error_and_the_table_is_still_written(tmp_path, clips, capsys):
+    not_a_video = tmp_path / "notes.mp4"
+    not_a_video.write_text("not a video")
+    out = tmp_path / "table"
+    code = main(["--pairs", f"{not_a_video}::x", "--pairs", f"{clips[0]}::a watercolor painting", "--out-dir", str(out),
+                 "--in-process", "--no-clip", "--methods", "reconstruction,per_frame", *TINY,
+                 f"inversion.cache_dir={tmp_path / 'cache'}"])
+    assert code == 1  # some cells failed; the rest is scored
+    _, rows = read_csv(out / "table1.csv")
+    per_pair = {(r["pair"], r["method"]): r for r in rows if r["pair"] != "all"}
+    assert "notes.mp4" in per_pair["0", "per_frame"]["error"] and per_pair["0", "per_frame"]["warp_error_x1e-3"] == "n/a"
+    assert not per_pair["1", "per_frame"]["error"] and float(per_pair["1", "per_frame"]["warp_error_x1e-3"]) >= 0
+    means = {r["method"]: r for r in rows if r["pair"] == "all"}
+    assert means["per_frame"]["pairs"] == "1" and "1 of 2 pairs failed" in means["per_frame"]["error"]
+    assert "failed" in capsys.readouterr().err
 
 
 def test_pairs_parsing(tmp_path):

@@ -124,7 +124,7 @@ def run_one(cfg: dict, run_dir: Path, *, in_process: bool = False) -> str:
 
         try:
             run_edit(cfg, run_dir)
-        except (ValueError, RuntimeError, FileNotFoundError, MemoryError) as e:
+        except Exception as e:  # one failed cell is a row with its error, not a lost table
             return f"{type(e).__name__}: {e}"
         return ""
     ctx = multiprocessing.get_context("spawn")  # fresh interpreter: its own RSS / CUDA high-water marks
@@ -255,16 +255,22 @@ def table1(
     rows = []
     for i, pair in enumerate(pairs):
         pair_dir = out_dir / f"pair{i:02d}_{slug(Path(pair.video).stem)}"
-        source = source_frames(configs[i, modes[0]], pair_dir)
+        try:
+            source, source_error = source_frames(configs[i, modes[0]], pair_dir), ""
+        except (ValueError, OSError) as e:  # an unreadable video fails its own rows, not the table
+            source, source_error = None, f"{type(e).__name__}: {e}"
         for mode in modes:
             run_dir = pair_dir / mode
             print(f"[table1] pair {i} ({pair.video} :: {pair.prompt}) {mode} -> {run_dir}", file=sys.stderr)
             row = Row("pair", str(i), pair.video, pair.prompt, mode, labels[mode], run_dir=str(run_dir))
-            row.error = run_one(configs[i, mode], run_dir, in_process=in_process)
+            row.error = source_error or run_one(configs[i, mode], run_dir, in_process=in_process)
+            if not row.error:
+                try:
+                    row.metrics, row.memory_kind = run_metrics(run_dir, source, pair.prompt, clip, flow)
+                except (ValueError, OSError, RuntimeError) as e:  # the finished runs above still count
+                    row.error = f"scoring: {type(e).__name__}: {e}"
             if row.error:
                 print(f"[table1] {mode} on pair {i} failed: {row.error}", file=sys.stderr)
-            else:
-                row.metrics, row.memory_kind = run_metrics(run_dir, source, pair.prompt, clip, flow)
             rows.append(row)
     means = mean_rows(rows, len(pairs))
     md = write_markdown(out_dir / "table1.md", means, pairs, list(overrides), flow)
