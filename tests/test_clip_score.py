@@ -24,9 +24,14 @@ PROMPTS = ["a wolf made of origami", "a photo of a red fox running through the s
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    # Never wait on the network: the hub path must end at the cache.
+def offline(monkeypatch, tmp_path):
+    # Never wait on the network: the hub path must end at the cache, and that cache is an empty
+    # one of the test's own, so a machine that has ViT-L/14 cached still sees it unavailable.
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # for the runs in fresh processes
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
 
 
 def features(out) -> torch.Tensor:

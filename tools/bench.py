@@ -604,8 +604,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if args.markdown:
         args.markdown.write_text(report)
+        print(f"[bench] wrote {args.markdown.resolve()}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rows": [asdict(r) for r in rows], "e2e": e2e}, indent=2))
+        print(f"[bench] wrote {args.json.resolve()}", file=sys.stderr)
     return 0
 
 

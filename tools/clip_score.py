@@ -70,7 +70,7 @@ def _download(repo_id: str) -> Path:
             f"CLIP weights '{repo_id}' are not available ({'HF_HUB_OFFLINE is set' if offline else 'hub not reachable'}; {why}; "
             f"cache {constants.HF_HUB_CACHE}). Provide a local folder path of a transformers CLIPModel with "
             "safetensors weights (config.json + model.safetensors, optionally preprocessor_config.json, "
-            f"vocab.json, merges.txt), e.g. made with `huggingface-cli download {repo_id} {' '.join(HUB_FILES)} "
+            f"vocab.json, merges.txt), e.g. made with `hf download {repo_id} {' '.join(HUB_FILES)} "
             "--local-dir clip` where the hub is reachable, or give this machine network access to the hub id."
         ) from None
 
