@@ -13,6 +13,7 @@ from tokenflow.edit import MODES, EditSettings, PromptEmbeddings, edit_video_lat
 from tokenflow.keyframes import fixed_keyframes, random_keyframes
 from tokenflow.propagation import keyframe_neighbours, nn_field, propagate
 from unet import UNet, UNetConfig, attention
+from unet.model import SelfAttention
 
 
 def naive_extended_attention(q, k, v, heads, frames):
@@ -83,6 +84,11 @@ def test_weights_follow_eq7_for_17_frames_interval_8():
     assert linear.w[5].item() == pytest.approx(3 / 9)
     with pytest.raises(ValueError, match="weighting"):
         keyframe_neighbours([0], [0], "cosine")
+    # slots index the keyframe pass's batch in the order given: an unsorted or repeated list would
+    # pair frames with another keyframe's tokens, so it is refused rather than sorted
+    for bad in ([11, 2, 16], [2, 2, 11]):
+        with pytest.raises(ValueError, match="strictly ascending"):
+            keyframe_neighbours(list(range(17)), bad)
 
 
 def test_propagation_of_original_features_with_every_frame_a_keyframe_is_identity():
@@ -151,6 +157,28 @@ def test_keyframe_pass_records_tokens_and_propagation_pass_uses_them():
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_propagation_pass_matches_tokens_by_the_source_branchs_inputs():
+    """Eq. 5 is computed on the ORIGINAL video's features: the NN field of the propagation pass
+    comes from the source branch's self-attention inputs x[:F], never from the edited branches'."""
+    torch.manual_seed(0)
+    frames, n_tokens, channels = 3, 16, 8
+    attn = SelfAttention(channels, heads=2, upcast=False).eval()
+    attn.path = "up_blocks.3.attentions.2.transformer_blocks.0.attn1"
+    tokens = KeyframeTokens([0, 2])
+    tokens.source_inputs[attn.path] = torch.randn(2, n_tokens, channels)  # phi of keyframes 0 and 2
+    tokens.edited_outputs[attn.path] = torch.randn(2, 2, n_tokens, channels)  # T_base, both edited branches
+    nb = keyframe_neighbours([0, 1, 2], [0, 2])
+    x = torch.randn(3 * frames, n_tokens, channels)  # source | unconditional | conditional, all different
+    with torch.no_grad():
+        out = EditControl(frames, propagation=Propagation(tokens, nb)).self_attention(attn, x)
+        source_out = attn.plain(x[:frames])
+    edited = out[frames:].reshape(2, frames, n_tokens, channels)
+    recorded = (tokens.edited_outputs[attn.path], tokens.source_inputs[attn.path])
+    assert torch.equal(edited, propagate(*recorded, x[:frames], nb))
+    assert not torch.allclose(edited, propagate(*recorded, x[frames:2 * frames], nb))  # the unconditional branch's
+    assert torch.allclose(out[:frames], source_out)  # the source branch attends to itself, as ever
+
+
 def tiny_edit_inputs(n=6):
     torch.manual_seed(0)
     unet = UNet(UNetConfig.tiny()).eval()
@@ -181,6 +209,10 @@ def test_modes_differ_and_settings_are_validated():
         EditSettings(mode="magic")
     with pytest.raises(ValueError, match="pnp_qk_fraction"):
         EditSettings(pnp_qk_fraction=1.5)
+    for strength in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"strength.*\(0, 1\]"):
+            EditSettings(method="sdedit", sdedit_strength=strength)
+    assert EditSettings(method="sdedit", sdedit_strength=1.0).sdedit_strength == 1.0
     inj = EditSettings().injection(0, 50)
     assert inj.injects_qk("up_blocks.3.attentions.2.transformer_blocks.0.attn1")
     assert not inj.injects_qk("up_blocks.1.attentions.0.transformer_blocks.0.attn1")

@@ -40,7 +40,11 @@ def keyframe_neighbours(frames: list[int] | Tensor, keyframes: list[int], weight
         raise ValueError(f"propagation weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if not keyframes:
         raise ValueError("propagation needs at least one keyframe")
-    kf = torch.as_tensor(sorted(keyframes))
+    if any(a >= b for a, b in zip(keyframes, keyframes[1:])):
+        # the slots index the keyframe pass's batch, which is in this order: sorting here would
+        # silently pair frames with the wrong keyframe's tokens
+        raise ValueError(f"propagation: keyframes must be strictly ascending, got {list(keyframes)}")
+    kf = torch.as_tensor(list(keyframes))
     frames = torch.as_tensor(frames)
     # searchsorted: index of the first keyframe >= i (future), and of the last keyframe <= i (past)
     future = torch.searchsorted(kf, frames, right=False)
