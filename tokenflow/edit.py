@@ -68,6 +68,10 @@ class EditSettings:
         for name in ("pnp_qk_fraction", "pnp_feature_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        # checked here, not only where sampling starts: a bad strength should fail before the
+        # models load and the video is inverted, not after
+        if not 0.0 < self.sdedit_strength <= 1.0:
+            raise ValueError(f"sdedit strength (method.strength) must be in (0, 1], got {self.sdedit_strength}")
         self.pnp_qk_layers, self.pnp_feature_layers = tuple(self.pnp_qk_layers), tuple(self.pnp_feature_layers)
 
     def injection(self, step: int, n_steps: int) -> PnPInjection:
