@@ -36,7 +36,7 @@ def clip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, clip):
     tmp = tmp_path_factory.mktemp("src")
-    return prepare_source(tiny_config(tmp, clip), tmp)
+    return prepare_source(tiny_config(tmp, clip))
 
 
 # ------------------------------------------------------------------------------------------- PCA

@@ -1,6 +1,7 @@
 """Inversion cache: exact roundtrip, keys that change with every input, crash recovery."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from tokenflow.inversion_cache import (
-    InversionCache, cache_key, default_cache_root, key_fields, video_digest,
+    InversionCache, cache_key, default_cache_root, key_fields, model_file_stats, video_digest,
 )
 
 FIELDS = dict(
@@ -73,11 +74,54 @@ def test_key_changes_when_any_field_changes():
     assert cache_key(**{**FIELDS, "indices": [6, 4, 2, 0]}) != base  # frame order matters
 
 
+def touch(path: Path, seconds_later: int = 1) -> None:
+    """Move the file's modification time on, its bytes unchanged."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds_later * 10**9))
+
+
+def test_key_follows_a_local_models_weight_files(tmp_path):
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"w" * 100)
+    (folder / "unet" / "config.json").write_text("{}")
+    (folder / "README.md").write_text("notes")
+
+    def key(source=folder):
+        return cache_key(**{**FIELDS, "model_id": str(source), "model_files": model_file_stats(source)})
+
+    base = key()
+    assert key() == base
+    assert [entry[0] for entry in model_file_stats(folder)] == ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    (folder / "README.md").write_text("other notes")
+    assert key() == base  # neither weights nor a config
+    touch(weights)
+    touched = key()
+    assert touched != base  # same bytes, but nothing cheap tells them from new ones
+    weights.write_bytes(b"v" * 101)  # replaced weights at the same path
+    assert key() not in (base, touched)
+    touched = key()
+    touch(folder / "unet" / "config.json")
+    assert key() != touched
+
+    single = tmp_path / "v2-1_512-ema-pruned.safetensors"  # an ldm file
+    single.write_bytes(b"x" * 10)
+    before = key(single)
+    touch(single)
+    assert key(single) != before
+    assert model_file_stats("owner/hub-model") is None  # a hub id: keyed by its name
+
+
 def test_bad_key_fields_are_named():
     with pytest.raises(ValueError, match="indices"):
         cache_key(**{**FIELDS, "indices": [0, 1.5]})
     with pytest.raises(ValueError, match="JSON"):
         cache_key(**{**FIELDS, "extra": {"x": object()}})
+    with pytest.raises(ValueError, match="model_files"):
+        cache_key(**{**FIELDS, "model_files": [["unet.safetensors", 10]]})
+    with pytest.raises(ValueError, match="model file unet.safetensors"):
+        cache_key(**{**FIELDS, "model_files": [["unet.safetensors", 10, 1.5]]})
     with pytest.raises(ValueError, match="does not match"):
         InversionCache(Path("/tmp"), "0" * 16, key_fields(**FIELDS))
     with pytest.raises(ValueError, match="cache key"):

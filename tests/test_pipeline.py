@@ -1,6 +1,6 @@
 """End to end on the tiny random model: every mode writes videos with the source's frame count and
-fps, the inversion cache is reused, the CLI and a multirun sweep work, and bad input fails cleanly
-without leaving outputs behind."""
+fps, the inversion cache is reused, the CLI and a multirun sweep work, and bad input or a failure
+while writing leaves none of the run's outputs behind."""
 
 import json
 import os
@@ -14,11 +14,18 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tokenflow.pipeline import run_edit
+from tokenflow import pipeline
+from tokenflow.pipeline import PROCESS_PEAK_NOTE, PeakMemory, run_edit
 from tokenflow.sample_clip import make_sample_clip
 from tokenflow.video import read_video, write_video
 
 REPO = Path(__file__).resolve().parents[1]
+OUR_OUTPUTS = ("config.yaml", "edited.mp4", "side_by_side.mp4", "frames", "run.json")
+
+
+def written(run_dir: Path) -> list[str]:
+    """What a run left in its folder (staging folders included); [] when it made no folder."""
+    return sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
 
 
 def config(tmp_path, *overrides):
@@ -70,6 +77,9 @@ def test_seeded_run_is_bit_identical_and_reuses_inversion(tmp_path, clip):
         assert a == (tmp_path / "b" / "frames" / f"{i:05d}.png").read_bytes()
     forced = run_edit(config(tmp_path, f"video={clip}", "inversion.force=true"), tmp_path / "c")
     assert forced.inversion_frames_reused == 0
+    # the fp16 variant is other weights: its latents are not these (the tiny model ignores it, the key must not)
+    variant = run_edit(config(tmp_path, f"video={clip}", "model.variant=fp16"), tmp_path / "d")
+    assert variant.inversion_frames_reused == 0
 
 
 def test_one_frame_and_odd_sizes_are_handled(tmp_path):
@@ -99,7 +109,7 @@ def test_bad_input_fails_before_writing_anything(tmp_path, clip, override, error
     cfg = config(tmp_path, f"video={clip}", override)
     with pytest.raises(error):
         run_edit(cfg, out)
-    assert not any(out.glob("*.mp4")) and not (out / "run.json").exists()
+    assert written(out) == []
 
 
 def test_not_a_video(tmp_path):
@@ -107,6 +117,92 @@ def test_not_a_video(tmp_path):
     fake.write_text("this is not a video")
     with pytest.raises(ValueError, match="notes.mp4"):
         run_edit(config(tmp_path, f"video={fake}"), tmp_path / "run")
+    assert written(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("strength", ["0", "1.5"])
+def test_bad_sdedit_strength_fails_before_the_models_load(tmp_path, clip, monkeypatch, strength):
+    def no_models(*args, **kwargs):
+        raise AssertionError("the models were loaded for a run that should have failed on its settings")
+
+    monkeypatch.setattr(pipeline, "load_model_bundle", no_models)
+    with pytest.raises(ValueError, match=r"strength.*\(0, 1\]"):
+        run_edit(config(tmp_path, f"video={clip}", "method=sdedit", f"method.strength={strength}"), tmp_path / "run")
+    assert written(tmp_path / "run") == []
+
+
+def fail_on_side_by_side(monkeypatch):
+    real = pipeline.write_video
+
+    def write_video(path, *args, **kwargs):
+        if Path(path).name == "side_by_side.mp4":
+            assert (Path(path).parent / "edited.mp4").is_file()  # already written, under its temporary name
+            raise OSError("disk full (injected)")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_video", write_video)
+
+
+def fail_after_some_png_frames(monkeypatch):
+    real = pipeline.write_png_frames
+
+    def write_png_frames(folder, frames):
+        real(folder, frames[:2])  # some frames are on disk when it fails
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(pipeline, "write_png_frames", write_png_frames)
+
+
+@pytest.mark.parametrize("inject", [fail_on_side_by_side, fail_after_some_png_frames])
+def test_failure_while_writing_leaves_no_outputs(tmp_path, clip, monkeypatch, inject):
+    out = tmp_path / "run"
+    inject(monkeypatch)
+    with pytest.raises(OSError, match="injected"):
+        run_edit(config(tmp_path, f"video={clip}", "frames.max=2", "output.png_frames=true"), out)
+    assert written(out) == []  # edited.mp4 was written before the failure, and is gone too
+
+
+def test_outputs_replace_an_earlier_runs_in_the_same_dir(tmp_path, clip):
+    out = tmp_path / "run"
+    cfg = config(tmp_path, f"video={clip}", "frames.max=2", "output.png_frames=true")
+    run_edit(cfg, out)
+    run_edit(cfg, out)  # frames/ is a folder: it cannot simply be renamed over the old one
+    assert written(out) == sorted(OUR_OUTPUTS)
+    assert sorted(p.name for p in (out / "frames").iterdir()) == ["00000.png", "00001.png"]
+
+
+def test_sample_clip_is_rendered_once_into_the_cache(tmp_path, capsys):
+    cfg = config(tmp_path, "video=sample", "frames.max=2", "output.side_by_side=false")
+    first = run_edit(cfg, tmp_path / "a")
+    assert written(tmp_path / "a") == ["config.yaml", "edited.mp4", "run.json"]  # no copy of the input
+    assert Path(first.video).parent == tmp_path / "cache" / "sample_clip"
+    err = capsys.readouterr().err
+    assert f"inverted latents cached in {first.inversion_cache}" in err
+    second = run_edit(cfg, tmp_path / "b")
+    assert second.video == first.video and second.inversion_frames_reused == 2  # same clip bytes, same key
+    err = capsys.readouterr().err
+    assert "reusing cached inversion" in err and "inverted latents cached in" not in err
+
+
+def vm_hwm_mb() -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resetting the RSS peak needs Linux /proc")
+def test_peak_memory_is_the_runs_own_not_the_processes(tmp_path, clip):
+    big = torch.ones(2**28)  # 1 GiB, every page touched: the process's peak is now at least that high
+    process_peak = vm_hwm_mb()
+    del big
+    facts = run_edit(config(tmp_path, f"video={clip}", "frames.max=2", "output.side_by_side=false"), tmp_path / "run")
+    assert facts.peak_memory_mb["cpu_rss"] < process_peak - 512  # the tiny run needs far less than 512 MiB more
+    assert PROCESS_PEAK_NOTE not in facts.notes
+
+
+def test_peak_memory_says_so_when_it_is_the_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "PROC_CLEAR_REFS", tmp_path / "no-proc" / "clear_refs")
+    memory = PeakMemory("cpu")
+    assert memory.note == PROCESS_PEAK_NOTE and memory.report()["cpu_rss"] > 0
 
 
 def run_cli(args, cwd):
@@ -132,3 +228,4 @@ def test_cli_without_weights_says_what_to_do(tmp_path, clip):
     res = run_cli([f"video={clip}", "model.source=nobody/no-such-model", f"hydra.run.dir={tmp_path / 'x'}"], tmp_path)
     assert res.returncode == 2
     assert "model=tiny" in res.stderr and "nobody/no-such-model" in res.stderr
+    assert set(written(tmp_path / "x")) <= {".hydra", "cli.log"}  # Hydra's own files only, no config.yaml

@@ -155,5 +155,5 @@ def test_source_frames_are_the_pipelines(tmp_path, clips):
     from tools.table1 import run_config
 
     cfg = run_config(Pair(str(clips[1]), "x"), "tokenflow", ["model=tiny", "size=128"])
-    frames = source_frames(cfg, tmp_path)
+    frames = source_frames(cfg)
     assert frames.shape == (5, 128, 128, 3) and frames.dtype == np.uint8

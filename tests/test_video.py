@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokenflow.sample_clip import make_sample_clip, render_sample_frames
+from tokenflow.sample_clip import cached_sample_clip, make_sample_clip, render_sample_frames
 from tokenflow.video import (
     Video, fit_to_size, from_model_range, image_files, read_video, side_by_side, to_model_range,
     write_png_frames, write_video,
@@ -64,6 +64,20 @@ def test_sample_clip_is_deterministic_and_moves():
     assert torch.equal(a, b)
     assert not torch.equal(a, render_sample_frames(4, 64, seed=1))
     assert (a[0].float() - a[-1].float()).abs().mean() > 1  # frames differ: things move
+
+
+def test_cached_sample_clip_is_rendered_once_per_parameters(tmp_path, monkeypatch):
+    first = cached_sample_clip(tmp_path / "cache", frames=3, size=32)
+    assert first.parent == tmp_path / "cache" and read_video(first).frames.shape == (3, 32, 32, 3)
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp file left beside it
+
+    def no_render(*args, **kwargs):
+        raise AssertionError("the cached clip was rendered again")
+
+    monkeypatch.setattr("tokenflow.sample_clip.make_sample_clip", no_render)
+    assert cached_sample_clip(tmp_path / "cache", frames=3, size=32) == first
+    with pytest.raises(AssertionError, match="rendered again"):
+        cached_sample_clip(tmp_path / "cache", frames=3, size=32, seed=1)  # other parameters, other file
 
 
 def test_sample_clip_cli(tmp_path):

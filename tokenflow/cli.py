@@ -5,7 +5,9 @@
     tokenflow -m model=tiny tokenflow.mode=tokenflow,per_frame   # a sweep, one folder per run
 
 Each run's folder (Hydra's run dir; `hydra.run.dir=...` moves it) holds config.yaml (resolved),
-edited.mp4, side_by_side.mp4 and run.json (frames, size, fps, timings, keyframes, peak memory).
+edited.mp4, side_by_side.mp4 and run.json (frames, size, fps, timings, keyframes, peak memory):
+all of them, written by run_edit once the edit succeeded, or none (Hydra's own .hydra/ and log
+are there either way).
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ def _run(cfg: DictConfig) -> None:
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     try:
-        facts = run_edit(resolved, out_dir)
+        facts = run_edit(resolved, out_dir)  # writes config.yaml with the other outputs, on success only
     except (ModelNotAvailable, FileNotFoundError, ValueError, FloatingPointError) as e:
         # bad input or missing weights: one clear line, no traceback, and no outputs were written
         print(f"error: {e}", file=sys.stderr)

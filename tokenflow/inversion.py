@@ -7,7 +7,7 @@ rerun reuses them and an interrupted run resumes with the frames still missing.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import Tensor

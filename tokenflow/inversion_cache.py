@@ -3,13 +3,15 @@
 Inversion is the slow, edit-independent half of TokenFlow: every prompt edit of the same clip
 reuses it. So the latents of each frame at the kept timesteps are stored under a key that hashes
 everything they depend on (clip bytes, selected frames, size, model, steps, kept timesteps,
-inversion prompt). A frame is written atomically (temp file + rename) the moment it is done, so a
-run that crashes leaves only whole files and the rerun recomputes just the missing frames. A file
-that is nevertheless unreadable (truncated by a full disk, copied half-way) counts as missing, with
-a warning, rather than stopping the run.
+inversion prompt; for a model on local disk also the size and modification time of its weight and
+config files, since a path says where weights are, not which). A frame is written atomically (temp
+file + rename) the moment it is done, so a run that crashes leaves only whole files and the rerun
+recomputes just the missing frames. A file that is nevertheless unreadable (truncated by a full
+disk, copied half-way) counts as missing, with a warning, rather than stopping the run.
 
 Layout:  <root>/<key>/meta.json                  the key fields, as JSON
          <root>/<key>/frame_00000.safetensors    {"t981": [4, h, w], "t961": ..., ...} + metadata
+         <root>/sample_clip/                     the generated sample clip (pipeline, video=sample)
 Root:    $TOKENFLOW_CACHE, else ~/.cache/tokenflow/inversions
 """
 
@@ -63,11 +65,41 @@ def video_digest(path: Path | str) -> str:
     return h.hexdigest()
 
 
+# What a local model's latents depend on: weights, configs (model, scheduler), tokenizer vocabulary
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".yaml", ".yml", ".txt")
+
+
+def model_file_stats(source: str | os.PathLike) -> list[list] | None:
+    """[relative path, size, mtime_ns] of each weight and config file of a local model (a
+    diffusers folder or one ldm file), by path; None when `source` is no local path (a hub id).
+
+    A local path names a place, not weights: a fine-tune saved over the old one, or a variant
+    downloaded into the same folder, must not reuse latents inverted with the old weights. Hashing
+    gigabytes at every run would cost more than the inversion it saves, so size and modification
+    time stand in for the bytes; touching a file unchanged costs one re-inversion, never a wrong edit.
+    """
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_file():
+        files, base = [path], path.parent
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in MODEL_FILE_SUFFIXES and p.is_file())
+        base = path
+    else:
+        return None
+    stats = []
+    for file in files:
+        st = file.stat()  # follows links: a hub snapshot's files are links to its blobs
+        stats.append([file.relative_to(base).as_posix(), st.st_size, st.st_mtime_ns])
+    return stats
+
+
 def key_fields(
     *, video_digest: str, indices: list[int], size: tuple[int, int], model_id: str,
     inversion_steps: int, keep_timesteps: list[int], prompt: str, extra: dict | None = None,
+    model_files: list[list] | None = None,
 ) -> dict:
-    """The cache key's fields as one canonical, JSON-ready dict (validated)."""
+    """The cache key's fields as one canonical, JSON-ready dict (validated). `model_files`: what
+    `model_file_stats` says of a local model (None for a hub id or the built-in tiny model)."""
     def ints(values, what):
         values = list(values)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -81,11 +113,16 @@ def key_fields(
         raise ValueError(f"size must be (height, width), got {size!r}")
     if not isinstance(inversion_steps, int) or inversion_steps < 1:
         raise ValueError(f"inversion_steps must be an int >= 1, got {inversion_steps!r}")
+    for entry in model_files or []:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], str)):
+            raise ValueError(f"model_files entries must be [path, size, mtime_ns] (see model_file_stats), got {entry!r}")
+        ints(entry[1:], f"size and mtime_ns of model file {entry[0]}")
     fields = {
         "video_digest": video_digest,
         "indices": ints(indices, "indices"),
         "size": size,
         "model_id": str(model_id),
+        "model_files": None if model_files is None else [list(f) for f in model_files],
         "inversion_steps": inversion_steps,
         "keep_timesteps": sorted(ints(keep_timesteps, "keep_timesteps")),
         "prompt": str(prompt),
@@ -101,11 +138,13 @@ def key_fields(
 def cache_key(
     *, video_digest: str, indices: list[int], size: tuple[int, int], model_id: str,
     inversion_steps: int, keep_timesteps: list[int], prompt: str, extra: dict | None = None,
+    model_files: list[list] | None = None,
 ) -> str:
     """A short sha256 hex naming the inversion of exactly this clip, selection, size and model."""
     fields = key_fields(
         video_digest=video_digest, indices=indices, size=size, model_id=model_id,
         inversion_steps=inversion_steps, keep_timesteps=keep_timesteps, prompt=prompt, extra=extra,
+        model_files=model_files,
     )
     return _hash_fields(fields)
 

@@ -2,25 +2,33 @@
 
 `run_edit(cfg, out_dir)` takes the resolved Hydra config (see conf/config.yaml) as a plain dict-like
 object. Everything that can be checked cheaply (video, size, prompts, settings) is checked before
-the models run; outputs are written atomically at the end, so a failed run leaves no video behind.
+the models run. The outputs (config.yaml, edited.mp4, side_by_side.mp4, frames/, run.json) are
+written all or nothing: into a staging folder inside the run dir, moved into place together once
+every one of them is written, so a failed run leaves none of them behind.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from sampler.ddim import inversion_timesteps
+
 from .edit import EditSettings, PromptEmbeddings, edit_video_latents
 from .inversion import decode_latents, encode_frames, invert_frames
-from .inversion_cache import InversionCache, video_digest
+from .inversion_cache import InversionCache, default_cache_root, model_file_stats, video_digest
 from .video import Video, fit_to_size, from_model_range, read_video, side_by_side, to_model_range, write_png_frames, write_video
 
 RECONSTRUCTION = "reconstruction"  # Table 1's "LDM recon.": encode and decode only, no edit
@@ -68,12 +76,20 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return dtypes[name]
 
 
-def load_video(cfg, out_dir: Path) -> Video:
+def sample_clip_folder(cfg) -> Path:
+    """Where `video=sample` keeps its generated clip: in the inversion cache's root, beside the
+    latents inverted from it (inversion.cache_dir, else $TOKENFLOW_CACHE or ~/.cache/tokenflow/inversions)."""
+    root = cfg["inversion"]["cache_dir"]
+    return (default_cache_root() if root is None else Path(root)) / "sample_clip"
+
+
+def load_video(cfg) -> Video:
+    """The selected frames of cfg's video, fitted to cfg's size."""
     path, sel = cfg["video"], cfg["frames"]
     if path == "sample":  # the project's own generated clip, so a fresh clone has something to edit
-        from .sample_clip import make_sample_clip
+        from .sample_clip import cached_sample_clip
 
-        path = make_sample_clip(out_dir / "sample_input.mp4")
+        path = cached_sample_clip(sample_clip_folder(cfg))
     video = read_video(path, start=sel["start"], end=sel["end"], stride=sel["stride"], max_frames=sel["max"])
     size = cfg["size"]  # None, an int (short side) or [H, W]
     return fit_to_size(video, size if size is None or isinstance(size, int) else tuple(size))
@@ -123,8 +139,57 @@ class FrameStepBar:
         self.bar.close()
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")  # Linux: writing "5" resets VmHWM to the current RSS
+PROC_STATUS = Path("/proc/self/status")  # Linux: VmHWM, the peak RSS since that reset
+PROCESS_PEAK_NOTE = ("peak_memory_mb.cpu_rss is this process's lifetime peak (ru_maxrss), which may be an earlier "
+                     "run's: the peak could not be reset here (Linux /proc/self/clear_refs)")
+
+
+def _vm_hwm_mb() -> float | None:
+    """VmHWM of /proc/self/status in MiB; None where there is no such file or line."""
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # "VmHWM:  123456 kB"
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Start a new RSS high-water mark; False where the OS does not allow it."""
+    try:
+        PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return _vm_hwm_mb() is not None
+
+
+class PeakMemory:
+    """This run's peak memory, not the process's. A `-m` sweep runs every job in one process, and
+    ru_maxrss or CUDA's max_memory_allocated alone would report the largest run so far for every
+    later run; so both high-water marks are reset when the run starts."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.rss_is_per_run = _reset_rss_peak()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def report(self) -> dict[str, float]:
+        """{"cpu_rss": MiB[, "cuda_allocated": MiB]}; see `note` for what cpu_rss covers."""
+        if self.rss_is_per_run and (hwm := _vm_hwm_mb()) is not None:
+            peak = {"cpu_rss": round(hwm, 1)}
+        else:
+            peak = {"cpu_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
+        if self.device.startswith("cuda"):
+            peak["cuda_allocated"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return peak
+
+    @property
+    def note(self) -> str | None:
+        """A sentence for run.json when cpu_rss is not this run's own peak."""
+        return None if self.rss_is_per_run else PROCESS_PEAK_NOTE
 
 
 class Stopwatch:
@@ -163,16 +228,17 @@ class SourceVideo:
 
 
 def prepare_source(
-    cfg, out_dir: Path, *, stopwatch: Stopwatch | None = None, positions: list[int] | None = None, invert: bool = True,
+    cfg, *, stopwatch: Stopwatch | None = None, positions: list[int] | None = None, invert: bool = True,
 ) -> SourceVideo:
     """Read and fit the video, load the models, VAE-encode, embed the prompts and DDIM-invert
     (cached). `positions`: only these frames of the selection (a figure of two frames needs no
-    more). `invert=False` stops after encoding (the reconstruction baseline)."""
+    more). `invert=False` stops after encoding (the reconstruction baseline). Writes nothing but
+    the caches (inversion, generated sample clip)."""
     watch = stopwatch or Stopwatch()
     show = bool(cfg.get("progress", True))
     device = pick_device(cfg["device"])
     dtype = pick_dtype(cfg["dtype"], device)
-    video = load_video(cfg, out_dir)
+    video = load_video(cfg)
     for note in video.notes:
         print(f"[tokenflow] {note}", file=sys.stderr)
     if positions is None:
@@ -206,18 +272,22 @@ def prepare_source(
     inv = cfg["inversion"]
     cache = None
     if inv["cache"]:
+        model = cfg["model"]
+        is_tiny = model["source"] == "tiny"
         cache = InversionCache.for_run(
             inv["cache_dir"], video_digest=video_digest(video.path), indices=[video.indices[i] for i in positions],
-            size=[video.height, video.width], model_id=str(cfg["model"]["source"]), inversion_steps=inv["steps"],
+            size=[video.height, video.width], model_id=str(model["source"]), inversion_steps=inv["steps"],
             keep_timesteps=src.timesteps, prompt=cfg["inversion_prompt"],
-            extra={"dtype": str(dtype).replace("torch.", ""),
-                   "seed": cfg["model"].get("seed", 0) if cfg["model"]["source"] == "tiny" else None},
+            # a local path alone does not say which weights are there now (see model_file_stats)
+            model_files=None if is_tiny else model_file_stats(model["source"]),
+            extra={"dtype": str(dtype).replace("torch.", ""), "seed": model.get("seed", 0) if is_tiny else None,
+                   "variant": model.get("variant"), "prediction_type": model.get("prediction_type")},
         )
         if inv["force"]:
             cache.clear()
         src.inversion_cache = str(cache.dir)
     watch.lap("encode_prompts")
-    inversion_grid = [t for t in schedule.timesteps(inv["steps"]).tolist() if t <= max(src.timesteps)]
+    inversion_grid = inversion_timesteps(schedule, inv["steps"], src.timesteps)  # the path each frame climbs
     bar = FrameStepBar("inversion", n * len(inversion_grid), show)
 
     def reused(k: int) -> None:
@@ -231,23 +301,100 @@ def prepare_source(
         batch_size=inv["batch_size"], cache=cache, on_progress=bar, on_reuse=reused,
     )
     bar.close()
+    if cache is not None and src.inversion_frames_reused < n:
+        print(f"[tokenflow] inverted latents cached in {cache.dir}", file=sys.stderr)
     src.source_latents = {t: x.to(dtype) for t, x in source_latents.items()}  # stays on the CPU
     watch.lap("inversion")
     return src
 
 
+STAGING_PREFIX = ".tokenflow-partial-"  # the staging folder's name in the run dir, while a run writes
+
+
+class StagedOutputs:
+    """A run's outputs, written under temporary names in the run dir and moved into place together.
+
+    Every output goes into one hidden staging folder inside the run dir (the same file system, so
+    moving it into place is a rename) and is published, in the order written, only once all of
+    them are written; run.json, written last, lands last. Until then the run dir holds none of
+    this run's outputs, and `discard` removes the staging folder (Hydra's .hydra/ and log are not ours).
+    """
+
+    def __init__(self, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
+        self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+        self.names: list[str] = []
+
+    def path(self, name: str) -> Path:
+        """Where to write output `name` (a file or a folder) now; `publish` moves it to `final(name)`."""
+        self.names.append(name)
+        return self.staging / name
+
+    def final(self, name: str) -> Path:
+        return self.out_dir / name
+
+    def publish(self) -> None:
+        """Move every output into place, replacing what an earlier run in the same dir left there."""
+        replaced = self.staging / ".replaced"
+        for name in self.names:
+            target = self.final(name)
+            if target.is_dir() and not target.is_symlink():
+                # a rename cannot replace a non-empty folder (an earlier run's frames/): set it aside
+                replaced.mkdir(exist_ok=True)
+                target.rename(replaced / name)
+            os.replace(self.staging / name, target)
+        shutil.rmtree(self.staging)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+@contextmanager
+def staged_outputs(out_dir: Path):
+    """A StagedOutputs that is published when the block ends and discarded when it raises."""
+    stage = StagedOutputs(out_dir)
+    try:
+        yield stage
+        stage.publish()
+    except BaseException:
+        stage.discard()
+        raise
+
+
+def write_outputs(stage: StagedOutputs, cfg, src: SourceVideo, edited: torch.Tensor) -> dict[str, Path]:
+    """config.yaml, the videos and the PNG frames of one run into `stage` -> {output: final path}.
+    `edited`: uint8 [n, H, W, 3] decoded edit."""
+    from omegaconf import OmegaConf
+
+    fps, crf = src.video.output_fps, cfg["output"]["crf"]
+    outputs = {"config": stage.final("config.yaml"), "edited": stage.final("edited.mp4")}
+    stage.path("config.yaml").write_text(OmegaConf.to_yaml(cfg))  # the resolved config this run ran with
+    write_video(stage.path("edited.mp4"), edited, fps, crf=crf)
+    if cfg["output"]["side_by_side"]:
+        write_video(stage.path("side_by_side.mp4"), side_by_side(src.frames, edited), fps, crf=crf)
+        outputs["side_by_side"] = stage.final("side_by_side.mp4")
+    if cfg["output"]["png_frames"]:
+        write_png_frames(stage.path("frames"), edited)
+        outputs["png_frames"] = stage.final("frames")
+    return outputs
+
+
 def run_edit(cfg, out_dir: Path | str) -> RunFacts:
+    """One edit of cfg's video into `out_dir`: config.yaml, edited.mp4, side_by_side.mp4 (unless
+    output.side_by_side=false), frames/ (output.png_frames=true) and run.json, all or none of them."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     is_reconstruction = cfg["tokenflow"]["mode"] == RECONSTRUCTION
-    # cheap checks first: nothing runs (or is written) for a bad mode, fraction or prompt
+    # cheap checks first: nothing runs (or is written) for a bad mode, fraction, strength or prompt
     settings = None if is_reconstruction else edit_settings(cfg)
     prompt = cfg["prompt"] if is_reconstruction else check_prompt(cfg["prompt"], "prompt")
-    pick_dtype(cfg["dtype"], pick_device(cfg["device"]))
+    device = pick_device(cfg["device"])
+    pick_dtype(cfg["dtype"], device)
     show = bool(cfg.get("progress", True))
+    memory = PeakMemory(device)
     watch = Stopwatch()
 
-    src = prepare_source(cfg, out_dir, stopwatch=watch, invert=not is_reconstruction)
+    src = prepare_source(cfg, stopwatch=watch, invert=not is_reconstruction)
     video, models, n = src.video, src.models, src.frames.shape[0]
     facts = RunFacts(
         video=str(video.path), frames=n, source_indices=list(video.indices), size=[video.height, video.width],
@@ -278,21 +425,14 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
     edited = from_model_range(decode_latents(models.vae, edited_latents, cfg["inversion"]["batch_size"]))
     watch.lap("decode")
 
-    outputs = {"edited": write_video(out_dir / "edited.mp4", edited, video.output_fps, crf=cfg["output"]["crf"])}
-    if cfg["output"]["side_by_side"]:
-        outputs["side_by_side"] = write_video(out_dir / "side_by_side.mp4", side_by_side(src.frames, edited), video.output_fps, crf=cfg["output"]["crf"])
-    if cfg["output"]["png_frames"]:
-        write_png_frames(out_dir / "frames", edited)
-        outputs["png_frames"] = out_dir / "frames"
-    watch.lap("write")
-
-    facts.timings_s = watch.timings
-    facts.seconds_per_frame = {k: round(v / n, 4) for k, v in watch.timings.items() if k in ("encode", "inversion", "editing", "decode")}
-    facts.peak_memory_mb = {"cpu_rss": round(_peak_rss_mb(), 1)}
-    if src.device.startswith("cuda"):
-        facts.peak_memory_mb["cuda_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    facts.outputs = {k: str(v) for k, v in outputs.items()}
-    tmp = out_dir / "run.json.tmp"
-    tmp.write_text(json.dumps(asdict(facts), indent=2))
-    tmp.replace(out_dir / "run.json")
+    with staged_outputs(out_dir) as stage:
+        outputs = write_outputs(stage, cfg, src, edited)
+        watch.lap("write")
+        facts.timings_s = watch.timings
+        facts.seconds_per_frame = {k: round(v / n, 4) for k, v in watch.timings.items() if k in ("encode", "inversion", "editing", "decode")}
+        facts.peak_memory_mb = memory.report()
+        if memory.note:
+            facts.notes.append(memory.note)
+        facts.outputs = {k: str(v) for k, v in outputs.items()}
+        stage.path("run.json").write_text(json.dumps(asdict(facts), indent=2))
     return facts

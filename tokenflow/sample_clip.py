@@ -98,6 +98,25 @@ def make_sample_clip(path: Path | str, frames: int = 16, size: int = 256, fps: i
     return write_video(path, render_sample_frames(frames, size, seed), fps)
 
 
+# Part of the cached clip's file name: bump it whenever render_sample_frames draws something else,
+# or runs would keep editing the clip an older version drew.
+SAMPLE_VERSION = 1
+
+
+def cached_sample_clip(folder: Path | str, frames: int = 16, size: int = 256, fps: int = 20, seed: int = 0) -> Path:
+    """The sample clip in `folder`, rendered and written the first time it is asked for.
+
+    Why a cache and not the run's folder: a run's folder should hold that run's outputs only, and
+    a failed run nothing at all; and one file reused by every run keeps the same bytes, so the
+    inversion cache (keyed by the clip's digest) is reused too. The name holds every parameter;
+    the write is atomic (write_video), so a file that exists is whole, even with runs in parallel.
+    """
+    path = Path(folder) / f"sample_v{SAMPLE_VERSION}_{frames}f_{size}px_{fps}fps_seed{seed}.mp4"
+    if not path.is_file():
+        make_sample_clip(path, frames, size, fps, seed)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the project's procedurally drawn sample clip (mp4).")
     parser.add_argument("out", type=Path, help="output .mp4 path")

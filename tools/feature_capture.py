@@ -14,7 +14,6 @@ of step s come from `keyframes_at`, the same pure function of (seed, step) the e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -92,10 +91,10 @@ def token_grid(n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------ the source
 
 
-def prepare_source(cfg: dict, work_dir: Path | str, *, frames: list[int] | None = None) -> SourceVideo:
+def prepare_source(cfg: dict, *, frames: list[int] | None = None) -> SourceVideo:
     """The video of `cfg` read, encoded, inverted (cached) and its prompts embedded, exactly as the
     pipeline does; `frames`: only these positions of the selection (e.g. the two frames of Fig. 3)."""
-    return _prepare_pipeline_source(cfg, Path(work_dir), positions=frames)
+    return _prepare_pipeline_source(cfg, positions=frames)
 
 
 def default_step(n_steps: int) -> int:

@@ -121,13 +121,13 @@ ROW_LABELS = {"original": "original", "per_frame": "per-frame edit", "tokenflow"
 
 def pca_figure(
     cfg: dict, out: Path | str, *, frames: int = 4, step: int | None = None, layer: str = HIGHEST_RES_DECODER_LAYER,
-    tile: int = 256, with_input_row: bool = True, work_dir: Path | str | None = None,
+    tile: int = 256, with_input_row: bool = True,
 ) -> PCAFigure:
     """Fig. 2 for the video and prompt of `cfg` (a composed config, see tools/run_config.py)."""
     from tokenflow.pipeline import edit_settings
 
     out = Path(out)
-    src: SourceVideo = prepare_source(cfg, work_dir or out.parent)
+    src: SourceVideo = prepare_source(cfg)
     positions = evenly_spaced(src.clean.shape[0], frames)
     base = edit_settings(cfg)
     # SDEdit runs only its last steps: the default step counts the steps it runs

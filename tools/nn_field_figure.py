@@ -131,7 +131,7 @@ class NNFieldFigure:
 
 def nn_field_figure(
     cfg: dict, out: Path | str, *, source_frame: int = 0, target_frame: int = 5, step: int | None = None,
-    layer: str = HIGHEST_RES_DECODER_LAYER, tokens: str = "input", work_dir: Path | str | None = None,
+    layer: str = HIGHEST_RES_DECODER_LAYER, tokens: str = "input",
 ) -> NNFieldFigure:
     """Fig. 3 for the video of `cfg` (a composed config, see tools/run_config.py)."""
     if tokens not in TOKEN_KINDS:
@@ -140,7 +140,7 @@ def nn_field_figure(
         raise ValueError(f"source and target frame are both {source_frame}: pick two different frames")
     out = Path(out)
     # only the two frames are encoded and inverted
-    src = prepare_source(cfg, work_dir or out.parent, frames=[source_frame, target_frame])
+    src = prepare_source(cfg, frames=[source_frame, target_frame])
     step = default_step(len(src.timesteps)) if step is None else step
     inputs, outputs = original_tokens(src, [0, 1], step, layer)
     chosen = inputs if tokens == "input" else outputs  # [2, N, C]

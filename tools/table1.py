@@ -150,11 +150,11 @@ def run_config(pair: Pair, mode: str, user_overrides: list[str]) -> dict:
     return cfg
 
 
-def source_frames(cfg: dict, work_dir: Path) -> np.ndarray:
+def source_frames(cfg: dict) -> np.ndarray:
     """uint8 [F, H, W, 3]: the source exactly as run_edit read and resized it (same function, same config)."""
     from tokenflow.pipeline import load_video
 
-    return load_video(cfg, work_dir).frames.numpy()
+    return load_video(cfg).frames.numpy()
 
 
 def edited_frames(run_dir: Path) -> np.ndarray:
@@ -256,7 +256,7 @@ def table1(
     for i, pair in enumerate(pairs):
         pair_dir = out_dir / f"pair{i:02d}_{slug(Path(pair.video).stem)}"
         try:
-            source, source_error = source_frames(configs[i, modes[0]], pair_dir), ""
+            source, source_error = source_frames(configs[i, modes[0]]), ""
         except (ValueError, OSError) as e:  # an unreadable video fails its own rows, not the table
             source, source_error = None, f"{type(e).__name__}: {e}"
         for mode in modes:
