@@ -69,12 +69,14 @@ def ldm_unused_keys(state: Mapping[str, torch.Tensor], layers: int = 23) -> list
     return unused
 
 
-def ldm_to_transformers(state: Mapping[str, torch.Tensor], layers: int = 23) -> dict[str, torch.Tensor]:
+def ldm_to_transformers(
+    state: Mapping[str, torch.Tensor], layers: int = 23, *, source: str = "cond_stage_model.model.*",
+) -> dict[str, torch.Tensor]:
     """OpenCLIP text tower (with `cond_stage_model.model.` already stripped) -> published transformers keys.
 
     Blocks < `layers` are renamed and their fused `in_proj` split into q, k, v. The unused keys
     (see `ldm_unused_keys`) and any unknown key keep their names: give the first to the loader's
-    ignore list, and let it report the second.
+    ignore list, and let it report the second. `source` (the file) starts the one error raised here.
     """
     out: dict[str, torch.Tensor] = {}
     unused = set(ldm_unused_keys(state, layers))
@@ -90,7 +92,7 @@ def ldm_to_transformers(state: Mapping[str, torch.Tensor], layers: int = 23) -> 
             if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
                 if v.shape[0] % 3:
                     raise CheckpointError(
-                        f"{k}: fused q,k,v of shape {tuple(v.shape)}; the first dimension must be 3 x width"
+                        f"{source}: {k}: fused q,k,v of shape {tuple(v.shape)}; the first dimension must be 3 x width"
                     )
                 kind = "weight" if rest.endswith("weight") else "bias"
                 # in_proj stacks [q; k; v] along the output dimension: [3W, W] -> three [W, W]

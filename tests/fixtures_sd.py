@@ -5,6 +5,8 @@
   today's transformers no longer writes), a tokenizer/ folder, scheduler config, model_index.json.
 - `write_ldm_file(path, refs)`: the same weights as one ldm `.safetensors`, written by the test-only
   writers (tests/ldm_writer_*.py), plus the 12 schedule buffers an ldm file carries.
+- `compare_with_references(models, refs)`: what `load_models` gave against the reference models.
+- `isolate_hub_cache(monkeypatch, root)`: an empty, offline Hugging Face cache under `root`.
 """
 
 from __future__ import annotations
@@ -104,3 +106,36 @@ def write_ldm_file(path: Path, refs: References) -> Path:
         state[name] = betas.clone()
     save_file({k: v.contiguous() for k, v in state.items()}, path)
     return path
+
+
+def compare_with_references(models, refs: References) -> dict[str, float]:
+    """max abs differences: UNet output, VAE posterior mean and log-variance, decoded image, text hidden states."""
+    torch.manual_seed(5)
+    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 64), torch.tensor([1, 901])
+    images = torch.rand(1, 3, 64, 64) * 2 - 1
+    ids = models.tokenizer(["a wolf in the snow", "a marble sculpture!"])
+    with torch.no_grad():
+        unet = (models.unet(x, t, ctx) - refs.unet(x, t, ctx).sample).abs().max().item()
+        mean, logvar = models.vae.encode(images)
+        post = refs.vae.encode(images).latent_dist
+        vae_mean = (mean - post.mean).abs().max().item()
+        vae_logvar = (logvar - post.logvar).abs().max().item()
+        decoded = (models.vae.decode(mean) - refs.vae.decode(post.mean).sample).abs().max().item()
+        text = (models.text_encoder(ids) - refs.text(input_ids=ids).last_hidden_state).abs().max().item()
+    return dict(unet=unet, vae_mean=vae_mean, vae_logvar=vae_logvar, vae_decoded=decoded, text=text)
+
+
+def isolate_hub_cache(monkeypatch, root: Path) -> Path:
+    """An empty Hugging Face cache under `root` (HF_HOME=root, HF_HUB_CACHE=root/hub), offline, so
+    weights cached on the machine running the tests cannot answer. huggingface_hub reads its
+    environment once, at import: its constants are set as well as the variables."""
+    import huggingface_hub.constants as c
+
+    cache = root / "hub"
+    cache.mkdir(parents=True, exist_ok=True)
+    for name, value in (("HF_HOME", root), ("HF_HUB_CACHE", cache), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(c, "HF_HOME", str(root))
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    return cache

@@ -129,8 +129,8 @@ def test_ldm_unknown_and_bad_keys_are_reported(reference):
     with pytest.raises(CheckpointError, match=r"2 unexpected.*attn_pool\.weight.*resblocks\.0\.attn\.extra"):
         build(cfg, state, ignore=ldm_unused_keys(extra, cfg.layers))
     broken = {**tower, "transformer.resblocks.1.attn.in_proj_weight": torch.zeros(95, cfg.width)}
-    with pytest.raises(CheckpointError, match=r"resblocks\.1\.attn\.in_proj_weight.*\(95, 32\)"):
-        ldm_to_transformers(broken, cfg.layers)
+    with pytest.raises(CheckpointError, match=r"^v2-1\.safetensors \[cond.*\]: transformer\.resblocks\.1\.attn\.in_proj_weight.*\(95, 32\)"):
+        ldm_to_transformers(broken, cfg.layers, source="v2-1.safetensors [cond_stage_model.model.*]")
     # A file with fewer blocks than the config: the strict loader names the missing layer.
     short = {k: v for k, v in tower.items() if not k.startswith("transformer.resblocks.1.")}
     with pytest.raises(CheckpointError, match=r"missing.*layers\.1\."):

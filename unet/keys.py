@@ -91,23 +91,40 @@ def ldm_to_diffusers(state: dict[str, Tensor], cfg: UNetConfig) -> dict[str, Ten
     return out
 
 
-def config_from_ldm(state: dict[str, Tensor], *, upcast_attention: bool, sample_size: int) -> UNetConfig:
+def _shape(state: dict[str, Tensor], key: str, source: str) -> tuple[int, ...]:
+    """The shape of `state[key]`, or a ValueError naming the source and the key an SD UNet must have."""
+    if key not in state:
+        raise ValueError(f"{source}: no {key!r}; not a complete SD UNet (ldm layout)")
+    return tuple(state[key].shape)
+
+
+def config_from_ldm(
+    state: dict[str, Tensor], *, upcast_attention: bool, sample_size: int, source: str = PREFIX + "*",
+) -> UNetConfig:
     """The architecture an ldm UNet state dict describes (prefix stripped), read off tensor shapes.
-    Heads follow the SD-2 rule of 64-channel heads."""
-    in_ch = state["input_blocks.0.0.weight"].shape[1]
-    out_ch = state["out.2.weight"].shape[0]
+    Heads follow the SD-2 rule of 64-channel heads. `source` names the file in errors: a state dict
+    that lacks what the inference reads gives a ValueError naming the key, never a bare KeyError."""
+    in_ch = _shape(state, "input_blocks.0.0.weight", source)[1]
+    out_ch = _shape(state, "out.2.weight", source)[0]
     n_inputs = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("input_blocks."))
     # entries of a level: resnets; levels are separated by one downsample entry ('.0.op')
     down_entries = sorted({int(k.split(".")[1]) for k in state if re.match(r"input_blocks\.\d+\.0\.op\.", k)})
     n_levels = len(down_entries) + 1
-    per = (n_inputs - 1 - len(down_entries)) // n_levels
+    per, odd = divmod(n_inputs - 1 - len(down_entries), n_levels)
+    if per < 1 or odd:
+        raise ValueError(
+            f"{source}: {n_inputs - 1} input_blocks after conv_in with {len(down_entries)} downsample(s) "
+            f"do not split into {n_levels} levels of equal depth; not an SD UNet (ldm layout)"
+        )
     channels, attn = [], []
     n = 1
     for i in range(n_levels):
-        channels.append(state[f"input_blocks.{n}.0.out_layers.3.weight"].shape[0])
+        channels.append(_shape(state, f"input_blocks.{n}.0.out_layers.3.weight", source)[0])
         attn.append(f"input_blocks.{n}.1.proj_in.weight" in state)
         n += per + (1 if i < n_levels - 1 else 0)
-    ctx_key = next(k for k in state if k.endswith("attn2.to_k.weight"))
+    ctx_key = next((k for k in state if k.endswith("attn2.to_k.weight")), None)
+    if ctx_key is None:
+        raise ValueError(f"{source}: no cross-attention weights (*.attn2.to_k.weight); not a text-conditioned SD UNet")
     return UNetConfig(
         in_channels=in_ch, out_channels=out_ch, block_out_channels=tuple(channels), attention_levels=tuple(attn),
         layers_per_block=per, heads=tuple(max(c // HEAD_DIM, 1) for c in channels),

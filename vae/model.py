@@ -68,15 +68,28 @@ class VAEConfig:
         )
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor]) -> "VAEConfig":
+    def from_state_dict(cls, state: dict[str, Tensor], *, source: str = "VAE state dict") -> "VAEConfig":
         """The architecture a (diffusers-named) VAE state dict describes; ldm files carry no config.
-        Group count 32 as in every SD VAE."""
-        levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down_blocks."))
-        channels = tuple(state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels))
+        Group count 32 as in every SD VAE. `source` names the file in errors: a state dict lacking
+        what the inference reads gives a ValueError naming it, never a bare KeyError or max() error."""
+
+        def shape(key: str) -> tuple[int, ...]:
+            if key not in state:  # ldm keys were renamed before this (vae/keys.py): the message says so
+                raise ValueError(
+                    f"{source}: no {key!r} (diffusers name; an ldm file's keys are renamed first); not a complete SD VAE"
+                )
+            return tuple(state[key].shape)
+
+        levels = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("encoder.down_blocks.")), default=-1)
+        if levels == 0:
+            raise ValueError(
+                f"{source}: no encoder levels (ldm encoder.down.N.*, diffusers encoder.down_blocks.N.*); not an SD VAE"
+            )
+        channels = tuple(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels))
         per = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down_blocks.0.resnets."))
         return cls(
-            in_channels=state["encoder.conv_in.weight"].shape[1], out_channels=state["decoder.conv_out.weight"].shape[0],
-            latent_channels=state["post_quant_conv.weight"].shape[0], block_out_channels=channels, layers_per_block=per,
+            in_channels=shape("encoder.conv_in.weight")[1], out_channels=shape("decoder.conv_out.weight")[0],
+            latent_channels=shape("post_quant_conv.weight")[0], block_out_channels=channels, layers_per_block=per,
         )
 
 
