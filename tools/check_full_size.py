@@ -6,8 +6,12 @@
 Writes the folder with diffusers/transformers (random weights, ~3.5 GB in fp32 for the UNet), then in
 fresh subprocesses: (1) loads the UNet alone with our loader and reports the peak RSS increase
 against the size of the weights (our loader builds on the meta device and assigns tensors read in
-the target dtype: about one copy; float32 tensors are memory-mapped from the file, so they are
-page cache rather than anonymous memory); (2) loads everything with `load_models` and compares one UNet
+the target dtype: at most one copy). With safetensors 0.8 (checked: the tensor's data pointer lies
+in a private file mapping, /proc/self/maps), `safe_open(...).get_tensor` on the CPU returns a view
+of a copy-on-write memory map of the file, not a copy: the float32 run's weights are file-backed
+page cache (in all RSS, not in anonymous memory) as they are paged in; the float16 run casts each
+float32 tensor as it is read, so its weights are new anonymous memory, one tensor converted at a
+time. (2) loads everything with `load_models` and compares one UNet
 forward at 64x64 latents with diffusers' (max abs difference). Needs diffusers and transformers
 (the test extras); the product never imports them.
 """
@@ -72,7 +76,7 @@ print(json.dumps({"unet_max_abs_diff": (ours - want).abs().max().item(), "output
 
 def write_random_sd21(root: Path) -> Path:
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -90,6 +94,11 @@ def write_random_sd21(root: Path) -> Path:
         vocab_size=49408, hidden_size=1024, num_attention_heads=16, num_hidden_layers=23, intermediate_size=4096,
         hidden_act="gelu", max_position_embeddings=77, projection_dim=512,
     )).save_pretrained(root / "text_encoder")
+    # the published stable-diffusion-2-1-base schedule (sd21.md), as its folder carries it
+    DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    ).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return root
 
