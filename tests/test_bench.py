@@ -63,6 +63,18 @@ def test_markdown_table_has_the_columns_and_rows(rows):
             assert positive_finite(float(b[COLUMNS.index(col)]))
 
 
+def test_reduced_precision_rows_run_and_agree():
+    """The GPU rows are float16/bfloat16; here the same path on the CPU (bfloat16: the CPU's fast
+    half type), both sides in that dtype, sharing the weights cast once."""
+    rows = []
+    for model in ("unet", "text"):
+        rows += bench_model(model, "tiny", "bfloat16", "cpu", batch=1, latent=8, repeats=1, warmup=0, memory=False)
+    assert [(r.model, r.dtype) for r in rows] == [("unet", "bfloat16"), ("text", "bfloat16")]
+    for r in rows:
+        assert positive_finite(r.time_ratio) and r.memory_ratio is None
+        assert r.max_abs_diff < 1e-2 and r.reference_abs_max > 0.01, r.model
+
+
 def test_agreement_check_sees_a_different_model():
     pair = unet_pair("tiny", torch.float32, "cpu")
     # a new tensor, not an in-place change: the two models share their weights
