@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from sampler.ddim import add_noise, classifier_free_guidance, ddim_step
+from sampler.ddim import classifier_free_guidance, ddim_step, sdedit_start
 from sampler.schedule import Schedule
 from unet.model import UNet
 
@@ -108,14 +108,10 @@ def edit_start(
     frame (seeded), so the frames start alike; the remaining steps follow."""
     if settings.method == "pnp":
         return source_latents[timesteps[0]].to(clean_latents, copy=True), list(timesteps)
-    n = len(timesteps)
-    n_run = int(n * settings.sdedit_strength)
-    if not 0.0 < settings.sdedit_strength <= 1.0 or n_run == 0:
-        raise ValueError(f"sdedit strength {settings.sdedit_strength} leaves no step of {n}; use a value in (0, 1]")
-    remaining = list(timesteps[n - n_run:])
     g = torch.Generator().manual_seed(settings.seed + 1)
     noise = torch.randn((1, *clean_latents.shape[1:]), generator=g).to(clean_latents)
-    return add_noise(schedule, clean_latents, noise.expand_as(clean_latents), remaining[0]), remaining
+    x_t, remaining = sdedit_start(schedule, clean_latents, noise.expand_as(clean_latents), settings.sdedit_strength, timesteps)
+    return x_t, remaining.tolist()
 
 
 def guided_output(
