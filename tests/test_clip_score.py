@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel
 
+from fixtures_sd import isolate_hub_cache
 from tokenflow.checkpoint import CheckpointError
 from tokenflow.video import write_png_frames
 from tools.clip_model import CLIP_MEAN, CLIP_STD, ClipConfig, Preprocess, load_clip_folder
@@ -27,11 +28,7 @@ PROMPTS = ["a wolf made of origami", "a photo of a red fox running through the s
 def offline(monkeypatch, tmp_path):
     # Never wait on the network: the hub path must end at the cache, and that cache is an empty
     # one of the test's own, so a machine that has ViT-L/14 cached still sees it unavailable.
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # for the runs in fresh processes
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    isolate_hub_cache(monkeypatch, tmp_path / "hf")
 
 
 def features(out) -> torch.Tensor:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures_sd import isolate_hub_cache
 from tokenflow.sample_clip import make_sample_clip
 from tools.clip_model import CLIP_MEAN, CLIP_STD
 from tools.table1 import CSV_COLUMNS, METHODS, MODES, Pair, main, parse_pair, read_pairs_file, source_frames
@@ -19,11 +20,9 @@ TINY = ["--model", "tiny", "--size", "64", "--steps", "2", "inversion.steps=4"]
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the default CLIP id must fail fast, from the cache
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # for the runs in fresh processes
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # an empty cache of our own
+    # the default CLIP id must fail fast, from an empty cache of the test's own (the environment
+    # variables reach the runs in fresh processes too)
+    isolate_hub_cache(monkeypatch, tmp_path / "hf")
 
 
 @pytest.fixture(scope="module")
