@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from tokenflow.checkpoint import CheckpointError
+from tokenflow.models.checkpoint import CheckpointError
 
 # In the published text_encoder/model.safetensors; recomputed on the fly by the model.
 IGNORED_KEYS = ("text_model.embeddings.position_ids",)

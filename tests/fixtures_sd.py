@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tokenflow.checkpoint import assign_strict
+from tokenflow.models.checkpoint import assign_strict
 
 from ldm_writer_text import transformers_text_to_ldm
 from ldm_writer_unet import diffusers_unet_to_ldm

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel
 
 from fixtures_sd import isolate_hub_cache
-from tokenflow.checkpoint import CheckpointError
-from tokenflow.video import write_png_frames
+from tokenflow.models.checkpoint import CheckpointError
+from tokenflow.media import write_png_frames
 from tools.clip_model import CLIP_MEAN, CLIP_STD, ClipConfig, Preprocess, load_clip_folder
 from tools.clip_score import ClipUnavailable, clip_score, clip_score_or_none, load_clip, main
 

@@ -17,7 +17,7 @@ from clip_text import (
     IGNORED_KEYS, TextConfig, TextEncoder, ldm_to_transformers, ldm_unused_keys, normalise_transformers_keys,
 )
 from ldm_writer_text import transformers_text_to_ldm
-from tokenflow.checkpoint import CheckpointError, assign_strict, read_json, read_safetensors, strip_prefix
+from tokenflow.models.checkpoint import CheckpointError, assign_strict, read_json, read_safetensors, strip_prefix
 
 LDM_PREFIX = "cond_stage_model.model."
 

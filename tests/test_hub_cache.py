@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from fixtures_sd import build_references, compare_with_references, isolate_hub_cache, write_diffusers_folder
 from tokenflow import load_models
-from tokenflow.loading import ModelNotAvailable
+from tokenflow.models.loading import ModelNotAvailable
 
 pytest.importorskip("diffusers")
 

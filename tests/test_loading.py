@@ -15,8 +15,8 @@ from fixtures_sd import (
     build_references, compare_with_references as compare, isolate_hub_cache, perturb, write_diffusers_folder, write_ldm_file,
 )
 from tokenflow import load_models
-from tokenflow.checkpoint import CheckpointError, read_safetensors
-from tokenflow.loading import ModelNotAvailable, prediction_type_from_name
+from tokenflow.models.checkpoint import CheckpointError, read_safetensors
+from tokenflow.models.loading import ModelNotAvailable, prediction_type_from_name
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 
 from fixtures_sd import fill_on_meta, perturb
 from ldm_writer_unet import diffusers_unet_to_ldm
-from tokenflow.checkpoint import CheckpointError, strip_prefix
+from tokenflow.models.checkpoint import CheckpointError, strip_prefix
 from unet import UNet, UNetConfig, UNetControl
 from unet.attention import attention
 from unet.keys import config_from_ldm, ldm_to_diffusers

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from fixtures_sd import fill_on_meta, perturb
 from ldm_writer_vae import diffusers_vae_to_ldm
-from tokenflow.checkpoint import CheckpointError, read_safetensors, strip_prefix
+from tokenflow.models.checkpoint import CheckpointError, read_safetensors, strip_prefix
 from vae import VAE, VAEConfig
 from vae.keys import ldm_to_diffusers, normalise_diffusers_keys
 

@@ -6,7 +6,7 @@ this package for small helpers too).
 
 
 def load_models(source=None, *, dtype=None, device="cpu", variant=None, prediction_type=None):
-    """Load UNet, VAE, text encoder, tokenizer and config; see `tokenflow.loading.load_models`."""
-    from .loading import load_models as _load_models
+    """Load UNet, VAE, text encoder, tokenizer and config; see `tokenflow.models.loading.load_models`."""
+    from .models.loading import load_models as _load_models
 
     return _load_models(source, dtype=dtype, device=device, variant=variant, prediction_type=prediction_type)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import safetensors_header
-from .video import image_files
+from .models.checkpoint import safetensors_header
+from .media import image_files
 
 KEY_LENGTH = 16  # hex chars of sha256: 64 bits, plenty for one user's cache
 CHUNK = 1 << 20

@@ -26,12 +26,17 @@ from tqdm import tqdm
 
 from sampler.ddim import inversion_timesteps
 
-from .edit import EditSettings, PromptEmbeddings, edit_video_latents
+from .edit import MODES, EditSettings, PromptEmbeddings, edit_video_latents
 from .inversion import decode_latents, encode_frames, invert_frames
 from .inversion_cache import InversionCache, default_cache_root, model_file_stats, video_digest
-from .video import Video, fit_to_size, from_model_range, read_video, side_by_side, to_model_range, write_png_frames, write_video
+from .media import Video, fit_to_size, from_model_range, read_video, side_by_side, to_model_range, write_png_frames, write_video
 
 RECONSTRUCTION = "reconstruction"  # Table 1's "LDM recon.": encode and decode only, no edit
+ALL_MODES = (*MODES, RECONSTRUCTION)  # every tokenflow.mode conf/config.yaml documents
+RANDOM_WEIGHTS_WARNING = ("model=tiny has random weights: the output is noise, not an edit; this run shows that the "
+                          "pipeline works end to end, not what TokenFlow does (real weights: the default model=sd21_base)")
+# the stages of a run, in order, as the Stopwatch names them (the first one without a time is running)
+STAGES = ("read_video", "load_models", "encode", "encode_prompts", "inversion", "editing", "decode", "write")
 
 
 @dataclass
@@ -40,7 +45,7 @@ class RunFacts:
     frames: int
     source_indices: list[int]
     size: list[int]  # [H, W]
-    fps: str
+    fps: float  # frames per second of the outputs (the source's / frames.stride)
     notes: list[str]
     model: str
     mode: str
@@ -87,12 +92,62 @@ def load_video(cfg) -> Video:
     """The selected frames of cfg's video, fitted to cfg's size."""
     path, sel = cfg["video"], cfg["frames"]
     if path == "sample":  # the project's own generated clip, so a fresh clone has something to edit
-        from .sample_clip import cached_sample_clip
+        from .media.sample_clip import cached_sample_clip
 
         path = cached_sample_clip(sample_clip_folder(cfg))
     video = read_video(path, start=sel["start"], end=sel["end"], stride=sel["stride"], max_frames=sel["max"])
-    size = cfg["size"]  # None, an int (short side) or [H, W]
+    size = cfg["size"]  # None (the model's native short side), "full", an int (short side) or [H, W]
+    if size is None:
+        size = cfg["model"].get("native_size")  # 512 for SD-2.1-base, 768 for SD-2.1
+        if size is None:
+            video.notes.append(f"model {cfg['model']['source']} names no native_size: keeping the input's size")
+    elif size == "full":
+        size = None  # the input's own size, centre-cropped to multiples of 64
+    elif isinstance(size, str):
+        raise ValueError(f"size must be null (the model's native size), full, a short side in pixels or [H, W], got {size!r}")
     return fit_to_size(video, size if size is None or isinstance(size, int) else tuple(size))
+
+
+def random_weights_warning(cfg) -> str | None:
+    """A warning for the run facts and the console when the model's weights are random."""
+    return RANDOM_WEIGHTS_WARNING if cfg["model"]["source"] == "tiny" else None
+
+
+def tokenize_prompts(tokenizer, prompts: dict[str, str]) -> tuple[torch.Tensor, list[str]]:
+    """{name: text} -> token ids [len(prompts), 77] in that order, and the tokenizer's warnings
+    (a prompt cut to 77 tokens) with the prompt named by its config key."""
+    ids, messages = [], []
+    for name, text in prompts.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ids.append(tokenizer([text]))
+        for w in caught:
+            message = str(w.message)
+            messages.append(f"{name} {message[len('prompt 0 '):]}" if message.startswith("prompt 0 ") else f"{name}: {message}")
+    return torch.cat(ids), messages
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, with one line that says what was interrupted, what is cached and how
+    to resume (the staged outputs are discarded as for any failure)."""
+
+    def __init__(self, stage: str, cache_dir: str | None, cached: int, frames: int):
+        self.stage, self.cache_dir, self.cached, self.frames = stage, cache_dir, cached, frames
+        if cache_dir is None:
+            kept = "nothing is cached: the same command starts over"
+        elif cached < frames:
+            kept = (f"the inverted latents of {cached}/{frames} frames are cached in {cache_dir}: "
+                    f"the same command resumes with the other {frames - cached}")
+        else:
+            kept = f"the inverted latents of all {frames} frames are cached in {cache_dir}: the same command reuses them"
+        super().__init__(f"interrupted during {stage}; no outputs were written; {kept}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _cached_frames(cache, n: int) -> int:
+    return 0 if cache is None else n - len(cache.missing(list(range(n))))
 
 
 def check_prompt(prompt, what: str) -> str:
@@ -104,10 +159,10 @@ def check_prompt(prompt, what: str) -> str:
 def load_model_bundle(cfg, device: str, dtype: torch.dtype):
     m = cfg["model"]
     if m["source"] == "tiny":
-        from .tiny import build_tiny_models
+        from .models.tiny import build_tiny_models
 
         return build_tiny_models(seed=m.get("seed", 0), dtype=dtype, device=device)
-    from .loading import load_models
+    from .models.loading import load_models
 
     return load_models(m["source"], dtype=dtype, device=device, variant=m.get("variant"), prediction_type=m.get("prediction_type"))
 
@@ -198,6 +253,8 @@ class Stopwatch:
     def __init__(self):
         self.timings: dict[str, float] = {}
         self._clock = time.perf_counter()
+        self.inversion_cache: str | None = None  # what a Ctrl-C message reports as cached
+        self.frames: int | None = None
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
@@ -215,7 +272,7 @@ class SourceVideo:
     cfg: dict  # the resolved configuration it was prepared with
     video: Video
     frames: torch.Tensor  # uint8 [n, H, W, 3]: video.frames, or the chosen positions of it
-    models: object  # tokenflow.loading.Models
+    models: object  # tokenflow.models.loading.Models
     device: str
     dtype: torch.dtype
     clean: torch.Tensor  # [n, 4, h, w] scaled VAE posterior means
@@ -258,10 +315,8 @@ def prepare_source(
     if not invert:
         return src
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ids = models.tokenizer([cfg["inversion_prompt"], cfg["negative_prompt"], cfg["prompt"]])
-    src.warnings = [str(w.message) for w in caught]
+    ids, src.warnings = tokenize_prompts(models.tokenizer, {
+        "inversion_prompt": cfg["inversion_prompt"], "negative_prompt": cfg["negative_prompt"], "prompt": cfg["prompt"]})
     for message in src.warnings:
         print(f"[tokenflow] warning: {message}", file=sys.stderr)
     with torch.no_grad():
@@ -296,10 +351,14 @@ def prepare_source(
         bar.bar.refresh()
         print(f"[tokenflow] reusing cached inversion of {k}/{n} frames from {cache.dir}", file=sys.stderr)
 
-    source_latents = invert_frames(
-        models.unet, schedule, clean, src.prompts.source, inversion_steps=inv["steps"], keep_timesteps=src.timesteps,
-        batch_size=inv["batch_size"], cache=cache, on_progress=bar, on_reuse=reused,
-    )
+    try:
+        source_latents = invert_frames(
+            models.unet, schedule, clean, src.prompts.source, inversion_steps=inv["steps"], keep_timesteps=src.timesteps,
+            batch_size=inv["batch_size"], cache=cache, on_progress=bar, on_reuse=reused,
+        )
+    except KeyboardInterrupt:  # Ctrl-C: say which frames the cache kept (each is saved as it finishes)
+        bar.close()
+        raise RunInterrupted("inversion", src.inversion_cache, _cached_frames(cache, n), n) from None
     bar.close()
     if cache is not None and src.inversion_frames_reused < n:
         print(f"[tokenflow] inverted latents cached in {cache.dir}", file=sys.stderr)
@@ -362,6 +421,15 @@ def staged_outputs(out_dir: Path):
         raise
 
 
+def _readable(path: Path) -> Path:
+    """Give a file written through a private temp file (mode 0600) the mode of any new file (0644
+    under the usual umask 022), like the run's other outputs."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
+
+
 def write_outputs(stage: StagedOutputs, cfg, src: SourceVideo, edited: torch.Tensor) -> dict[str, Path]:
     """config.yaml, the videos and the PNG frames of one run into `stage` -> {output: final path}.
     `edited`: uint8 [n, H, W, 3] decoded edit."""
@@ -370,9 +438,9 @@ def write_outputs(stage: StagedOutputs, cfg, src: SourceVideo, edited: torch.Ten
     fps, crf = src.video.output_fps, cfg["output"]["crf"]
     outputs = {"config": stage.final("config.yaml"), "edited": stage.final("edited.mp4")}
     stage.path("config.yaml").write_text(OmegaConf.to_yaml(cfg))  # the resolved config this run ran with
-    write_video(stage.path("edited.mp4"), edited, fps, crf=crf)
+    _readable(write_video(stage.path("edited.mp4"), edited, fps, crf=crf))
     if cfg["output"]["side_by_side"]:
-        write_video(stage.path("side_by_side.mp4"), side_by_side(src.frames, edited), fps, crf=crf)
+        _readable(write_video(stage.path("side_by_side.mp4"), side_by_side(src.frames, edited), fps, crf=crf))
         outputs["side_by_side"] = stage.final("side_by_side.mp4")
     if cfg["output"]["png_frames"]:
         write_png_frames(stage.path("frames"), edited)
@@ -384,7 +452,10 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
     """One edit of cfg's video into `out_dir`: config.yaml, edited.mp4, side_by_side.mp4 (unless
     output.side_by_side=false), frames/ (output.png_frames=true) and run.json, all or none of them."""
     out_dir = Path(out_dir)
-    is_reconstruction = cfg["tokenflow"]["mode"] == RECONSTRUCTION
+    mode = cfg["tokenflow"]["mode"]
+    if mode not in ALL_MODES:
+        raise ValueError(f"tokenflow.mode must be one of {', '.join(ALL_MODES)}, got {mode!r}")
+    is_reconstruction = mode == RECONSTRUCTION
     # cheap checks first: nothing runs (or is written) for a bad mode, fraction, strength or prompt
     settings = None if is_reconstruction else edit_settings(cfg)
     prompt = cfg["prompt"] if is_reconstruction else check_prompt(cfg["prompt"], "prompt")
@@ -393,15 +464,33 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
     show = bool(cfg.get("progress", True))
     memory = PeakMemory(device)
     watch = Stopwatch()
+    random_weights = random_weights_warning(cfg)
+    if random_weights:
+        print(f"[tokenflow] warning: {random_weights}", file=sys.stderr)
+    try:
+        return _run_edit(cfg, out_dir, settings, prompt, show, memory, watch, random_weights)
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:  # Ctrl-C outside the inversion: name the stage it stopped
+        skipped = ("encode_prompts", "inversion", "editing") if is_reconstruction else ()
+        stage = next((s for s in STAGES if s not in watch.timings and s not in skipped), "write")
+        cache = watch.inversion_cache
+        frames = watch.frames or 0
+        raise RunInterrupted(stage.replace("_", " "), cache, frames if cache else 0, frames) from None
 
+
+def _run_edit(cfg, out_dir: Path, settings, prompt: str, show: bool, memory: PeakMemory, watch: Stopwatch,
+              random_weights: str | None) -> RunFacts:
+    is_reconstruction = settings is None
     src = prepare_source(cfg, stopwatch=watch, invert=not is_reconstruction)
+    watch.inversion_cache, watch.frames = src.inversion_cache, src.frames.shape[0]
     video, models, n = src.video, src.models, src.frames.shape[0]
     facts = RunFacts(
         video=str(video.path), frames=n, source_indices=list(video.indices), size=[video.height, video.width],
-        fps=str(video.output_fps), notes=list(video.notes), model=str(cfg["model"]["source"]),
+        fps=float(video.output_fps), notes=list(video.notes), model=str(cfg["model"]["source"]),
         mode=cfg["tokenflow"]["mode"], method=cfg["method"]["name"], prompt=prompt, device=src.device,
         dtype=str(src.dtype).replace("torch.", ""), inversion_cache=src.inversion_cache,
-        inversion_frames_reused=src.inversion_frames_reused, warnings=list(src.warnings),
+        inversion_frames_reused=src.inversion_frames_reused, warnings=[w for w in (random_weights, *src.warnings) if w],
     )
 
     if is_reconstruction:

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from clip_text.keys import IGNORED_KEYS as TEXT_IGNORED
 from clip_text.keys import normalise_transformers_keys
 from clip_text.model import TextConfig, TextEncoder
-from tokenflow.checkpoint import assign_strict
+from tokenflow.models.checkpoint import assign_strict
 from unet.model import UNet, UNetConfig
 from vae.keys import normalise_diffusers_keys
 from vae.model import VAE, VAEConfig
@@ -456,7 +456,7 @@ def run_e2e(frames: int = 16, size: int = 128, device: str = "cpu", dtype: str =
     from omegaconf import OmegaConf
 
     from tokenflow.pipeline import run_edit
-    from tokenflow.sample_clip import make_sample_clip
+    from tokenflow.media.sample_clip import make_sample_clip
 
     with tempfile.TemporaryDirectory(prefix="tokenflow-bench-") as tmp:
         clip = make_sample_clip(Path(tmp) / "clip.mp4", frames=frames, size=size)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 LOAD_UNET = r"""
 import json, sys, threading, time, torch
-from tokenflow.checkpoint import read_json, read_safetensors
-from tokenflow.loading import _fill
+from tokenflow.models.checkpoint import read_json, read_safetensors
+from tokenflow.models.loading import _fill
 from unet.model import UNet, UNetConfig
 
 def status(field):  # kB -> MB, from /proc/self/status

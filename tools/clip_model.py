@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from clip_text.model import ACTIVATIONS, Block, TextConfig, TextTransformer
 from clip_text.tokenizer import Tokenizer
-from tokenflow.checkpoint import CheckpointError, assign_strict, read_json, read_safetensors, refuse_pickle
+from tokenflow.models.checkpoint import CheckpointError, assign_strict, read_json, read_safetensors, refuse_pickle
 
 # Older exports store the position ids as buffers; the model recomputes them.
 IGNORED_KEYS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenflow.checkpoint import CheckpointError, env_flag
+from tokenflow.models.checkpoint import CheckpointError, env_flag
 from tools.clip_model import LoadedClip, cosine_scores, load_clip_folder
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
@@ -96,7 +96,7 @@ def load_clip(model: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.d
 def _as_frames(frames) -> torch.Tensor:
     """A video path, or uint8 [F, H, W, 3] (numpy or torch) -> torch uint8 [F, H, W, 3]."""
     if isinstance(frames, (str, os.PathLike)):
-        from tokenflow.video import read_video
+        from tokenflow.media import read_video
 
         return read_video(frames).frames
     if isinstance(frames, np.ndarray):

@@ -84,7 +84,7 @@ def _load_raft(raft_weights: str | os.PathLike | None):
         return _raft[key]
     if path is not None:
         # Weights given as a file: safetensors only (pickles run code on load; see checkpoint.py).
-        from tokenflow.checkpoint import read_safetensors
+        from tokenflow.models.checkpoint import read_safetensors
 
         if not path.is_file():
             raise FileNotFoundError(f"RAFT weights file {path} does not exist")

@@ -10,7 +10,7 @@
 Where nothing says whether the model predicts eps or v, loading stops and asks: a wrong guess
 would not fail, it would quietly produce noise.
 
-Every model is built on the meta device and filled strictly (tokenflow/checkpoint.py).
+Every model is built on the meta device and filled strictly (tokenflow/models/checkpoint.py).
 """
 
 from __future__ import annotations
