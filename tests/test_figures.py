@@ -9,8 +9,8 @@ import torch
 
 from tokenflow.edit import edit_video_latents
 from tokenflow.pipeline import edit_settings
-from tokenflow.sample_clip import make_sample_clip
-from tokenflow.video import write_png_frames
+from tokenflow.media.sample_clip import make_sample_clip
+from tokenflow.media import write_png_frames
 from tools.feature_capture import (
     HIGHEST_RES_DECODER_LAYER, edited_tokens, original_tokens, prepare_source, stop_before, token_grid,
 )

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 
 from tokenflow import pipeline
 from tokenflow.pipeline import PROCESS_PEAK_NOTE, PeakMemory, run_edit
-from tokenflow.sample_clip import make_sample_clip
-from tokenflow.video import read_video, write_video
+from tokenflow.media.sample_clip import make_sample_clip
+from tokenflow.media import read_video, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 OUR_OUTPUTS = ("config.yaml", "edited.mp4", "side_by_side.mp4", "frames", "run.json")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fixtures_sd import isolate_hub_cache
-from tokenflow.sample_clip import make_sample_clip
+from tokenflow.media.sample_clip import make_sample_clip
 from tools.clip_model import CLIP_MEAN, CLIP_STD
 from tools.table1 import CSV_COLUMNS, METHODS, MODES, Pair, main, parse_pair, read_pairs_file, source_frames
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from tokenflow.sample_clip import cached_sample_clip, make_sample_clip, render_sample_frames
-from tokenflow.video import (
+from tokenflow.media.sample_clip import cached_sample_clip, make_sample_clip, render_sample_frames
+from tokenflow.media import (
     Video, fit_to_size, from_model_range, image_files, read_video, side_by_side, to_model_range,
     write_png_frames, write_video,
 )
@@ -74,14 +74,14 @@ def test_cached_sample_clip_is_rendered_once_per_parameters(tmp_path, monkeypatc
     def no_render(*args, **kwargs):
         raise AssertionError("the cached clip was rendered again")
 
-    monkeypatch.setattr("tokenflow.sample_clip.make_sample_clip", no_render)
+    monkeypatch.setattr("tokenflow.media.sample_clip.make_sample_clip", no_render)
     assert cached_sample_clip(tmp_path / "cache", frames=3, size=32) == first
     with pytest.raises(AssertionError, match="rendered again"):
         cached_sample_clip(tmp_path / "cache", frames=3, size=32, seed=1)  # other parameters, other file
 
 
 def test_sample_clip_cli(tmp_path):
-    from tokenflow.sample_clip import main
+    from tokenflow.media.sample_clip import main
 
     main([str(tmp_path / "cli.mp4"), "--frames", "5", "--size", "64"])
     video = read_video(tmp_path / "cli.mp4")

@@ -294,7 +294,7 @@ def test_cli_on_image_folders(tmp_path, capsys):
 
 @pytest.mark.skipif(not (DATA / "wolf.mp4").is_file(), reason=f"shared clip {DATA / 'wolf.mp4'} not present")
 def test_wolf_against_itself_and_a_flickering_copy():
-    from tokenflow.video import read_video
+    from tokenflow.media import read_video
 
     frames = read_video(DATA / "wolf.mp4", max_frames=10).frames.numpy()
     assert frames.shape == (10, 512, 512, 3)

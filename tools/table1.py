@@ -158,7 +158,7 @@ def source_frames(cfg: dict) -> np.ndarray:
 
 
 def edited_frames(run_dir: Path) -> np.ndarray:
-    from tokenflow.video import read_video
+    from tokenflow.media import read_video
 
     return read_video(run_dir / "frames").frames.numpy()
 

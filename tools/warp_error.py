@@ -193,7 +193,7 @@ def flicker(frames, pct: float, seed: int = 0) -> np.ndarray:
 
 
 def _read_frames(path: str, max_frames: int | None) -> np.ndarray:
-    from tokenflow.video import read_video
+    from tokenflow.media import read_video
 
     return read_video(path, max_frames=max_frames).frames.numpy()
 

@@ -5,7 +5,7 @@ Why this scene: it has a textured background, objects that move and rotate (so t
 consistency is visible), and it is a "landscape" an edit prompt like "a watercolor painting" or
 "a snowy winter scene" makes sense on. Deterministic for a given seed; no files needed.
 
-    python -m tokenflow.sample_clip sample.mp4 --frames 16 --size 256
+    python -m tokenflow.media.sample_clip sample.mp4 --frames 16 --size 256
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .video import write_video
+from .writing import write_video
 
 
 def render_sample_frames(frames: int = 16, size: int = 256, seed: int = 0) -> torch.Tensor:

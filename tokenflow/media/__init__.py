@@ -1,0 +1,18 @@
+"""Video in and out, one idea per file:
+
+    frames.py       the Video record (uint8 [F, H, W, 3] RGB, fps, source indices) and the model's [-1, 1] range
+    reading.py      decode a clip or an image folder, selecting frames
+    size.py         fit frames to the UNet's 64 px grid (resize, centre-crop)
+    writing.py      H.264 mp4 and PNG frames, written atomically
+    sample_clip.py  the project's procedurally drawn sample clip
+"""
+
+from .frames import Video, from_model_range, side_by_side, to_model_range
+from .reading import image_files, read_video
+from .size import fit_to_size
+from .writing import write_png_frames, write_video
+
+__all__ = [
+    "Video", "fit_to_size", "from_model_range", "image_files", "read_video", "side_by_side", "to_model_range",
+    "write_png_frames", "write_video",
+]
