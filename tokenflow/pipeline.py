@@ -172,6 +172,7 @@ def edit_settings(cfg) -> EditSettings:
     return EditSettings(
         mode=tf["mode"], method=method["name"], guidance_scale=cfg["guidance_scale"],
         keyframe_interval=tf["keyframe_interval"], weighting=tf["weighting"], batch_size=tf["batch_size"],
+        propagation=tf.get("propagation", "paper"),
         seed=cfg["seed"], query_chunk=tf["query_chunk"],
         pnp_qk_fraction=method.get("qk_fraction", 0.5), pnp_feature_fraction=method.get("feature_fraction", 0.8),
         pnp_qk_layers=tuple(method.get("qk_layers", EditSettings.pnp_qk_layers)),
@@ -523,5 +524,5 @@ def _run_edit(cfg, out_dir: Path, settings, prompt: str, show: bool, memory: Pea
         if memory.note:
             facts.notes.append(memory.note)
         facts.outputs = {k: str(v) for k, v in outputs.items()}
-        stage.path("run.json").write_text(json.dumps(asdict(facts), indent=2))
+        stage.path("run.json").write_text(json.dumps(asdict(facts), indent=2, ensure_ascii=False), encoding="utf-8")
     return facts
