@@ -1,4 +1,4 @@
-"""The Stable Diffusion 2.1 UNet (see model.py), its one attention function and its control seam."""
+"""The Stable Diffusion UNet of SD-1.5 and SD-2.x (see model.py), its one attention function and its control seam."""
 
 from .attention import attention
 from .control import UNetControl

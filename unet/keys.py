@@ -15,7 +15,7 @@ import re
 
 from torch import Tensor
 
-from .model import HEAD_DIM, UNetConfig
+from .model import SD1_HEADS, SD2_HEAD_DIM, UNetConfig
 
 PREFIX = "model.diffusion_model."
 
@@ -102,7 +102,10 @@ def config_from_ldm(
     state: dict[str, Tensor], *, upcast_attention: bool, sample_size: int, source: str = PREFIX + "*",
 ) -> UNetConfig:
     """The architecture an ldm UNet state dict describes (prefix stripped), read off tensor shapes.
-    Heads follow the SD-2 rule of 64-channel heads. `source` names the file in errors: a state dict
+
+    The head count is in no shape; the original configs set it by family, and the family shows in
+    proj_in's shape: a 1x1 conv [C, C, 1, 1] is SD-1.x (`num_heads: 8` at every level), Linear [C, C]
+    is SD-2.x (`num_head_channels: 64`). `source` names the file in errors: a state dict
     that lacks what the inference reads gives a ValueError naming the key, never a bare KeyError."""
     in_ch = _shape(state, "input_blocks.0.0.weight", source)[1]
     out_ch = _shape(state, "out.2.weight", source)[0]
@@ -125,8 +128,24 @@ def config_from_ldm(
     ctx_key = next((k for k in state if k.endswith("attn2.to_k.weight")), None)
     if ctx_key is None:
         raise ValueError(f"{source}: no cross-attention weights (*.attn2.to_k.weight); not a text-conditioned SD UNet")
+    linear = uses_linear_projection(state, source)
+    heads = tuple(max(c // SD2_HEAD_DIM, 1) for c in channels) if linear else (SD1_HEADS,) * n_levels
     return UNetConfig(
         in_channels=in_ch, out_channels=out_ch, block_out_channels=tuple(channels), attention_levels=tuple(attn),
-        layers_per_block=per, heads=tuple(max(c // HEAD_DIM, 1) for c in channels),
-        cross_attention_dim=state[ctx_key].shape[1], upcast_attention=upcast_attention, sample_size=sample_size,
+        layers_per_block=per, heads=heads, cross_attention_dim=state[ctx_key].shape[1],
+        use_linear_projection=linear, upcast_attention=upcast_attention, sample_size=sample_size,
+    )
+
+
+def uses_linear_projection(state: dict[str, Tensor], source: str = PREFIX + "*") -> bool:
+    """True for Linear proj_in weights [C, C] (SD-2.x), False for 1x1 convs [C, C, 1, 1] (SD-1.x)."""
+    dims = {tuple(v.shape[2:]) for k, v in state.items() if k.endswith((".proj_in.weight", ".proj_out.weight"))}
+    if dims == {()}:
+        return True
+    if dims == {(1, 1)}:
+        return False
+    found = sorted(dims) if dims else "no *.proj_in.weight at all"
+    raise ValueError(
+        f"{source}: proj_in/proj_out weights must be all Linear [C, C] (SD-2.x) or all 1x1 convs [C, C, 1, 1] "
+        f"(SD-1.x); trailing dims found: {found}"
     )

@@ -1,4 +1,4 @@
-"""The Stable Diffusion 2.1 UNet, in one file.
+"""The Stable Diffusion UNet (SD-1.5, SD-2.0, SD-2.1), in one file.
 
 Attribute names follow the diffusers checkpoint keys (`down_blocks.0.attentions.1.transformer_blocks.0
 .attn1.to_q.weight`, ...), so a diffusers state dict fills the model by name, strictly; ldm files are
@@ -8,6 +8,10 @@ Shape of the network (SD-2.1): conv_in -> 4 down levels [320, 640, 1280, 1280] (
 self+cross attention after each resnet on the first 3 levels, stride-2 conv between levels) -> mid
 (resnet, attention, resnet) -> 4 up levels (3 resnets each, fed the skip connections in reverse,
 attention on the last 3, nearest x2 upsample between levels) -> GroupNorm, SiLU, conv_out.
+
+SD-1.5 is the same network with three settings changed, all read from the config: 8 heads at every
+level (so heads 40/80/160/160 wide instead of 64), 1x1-convolution proj_in/proj_out around each
+transformer instead of Linear, and 768-wide text context instead of 1024.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from torch import Tensor, nn
 from .attention import attention
 from .control import UNetControl
 
-HEAD_DIM = 64  # every SD-2.x attention uses 64-channel heads (heads = channels / 64)
+SD2_HEAD_DIM = 64  # SD-2.x: 64-channel heads at every level (its ldm config: num_head_channels: 64)
+SD1_HEADS = 8  # SD-1.x: 8 heads at every level whatever the width (its ldm config: num_heads: 8)
 
 
 @dataclass
@@ -33,8 +38,13 @@ class UNetConfig:
     # which levels carry attention (CrossAttnDownBlock2D / CrossAttnUpBlock2D in diffusers terms)
     attention_levels: tuple[bool, ...] = (True, True, True, False)
     layers_per_block: int = 2
-    heads: tuple[int, ...] = (5, 10, 20, 20)  # per level; 64-channel heads
-    cross_attention_dim: int = 1024
+    # Head COUNT per level; a level's head width is its channels / heads (see `head_dims`).
+    # SD-2.x: 5, 10, 20, 20 heads of 64 channels; SD-1.5: 8 heads of 40, 80, 160, 160.
+    heads: tuple[int, ...] = (5, 10, 20, 20)
+    cross_attention_dim: int = 1024  # width of the text features (SD-2.x OpenCLIP-H 1024, SD-1.5 CLIP-L 768)
+    # Around each transformer: Linear proj_in/proj_out [C, C] (SD-2.x) or 1x1 Conv2d [C, C, 1, 1]
+    # (SD-1.x, diffusers' use_linear_projection: false). Same maths per pixel; the weights' shapes differ.
+    use_linear_projection: bool = True
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     time_embed_dim_mult: int = 4  # 320 -> 1280
@@ -48,6 +58,14 @@ class UNetConfig:
         n = len(self.block_out_channels)
         if len(self.attention_levels) != n or len(self.heads) != n:
             raise ValueError(f"UNetConfig: block_out_channels, attention_levels and heads need {n} entries each")
+        for c, h in zip(self.block_out_channels, self.heads):
+            if h < 1 or c % h:
+                raise ValueError(f"UNetConfig: {c} channels do not split into {h} heads")
+
+    @property
+    def head_dims(self) -> tuple[int, ...]:
+        """Channels per head at each level: SD-2.x (64, 64, 64, 64), SD-1.5 (40, 80, 160, 160)."""
+        return tuple(c // h for c, h in zip(self.block_out_channels, self.heads))
 
     @classmethod
     def sd21_base(cls) -> "UNetConfig":
@@ -60,10 +78,22 @@ class UNetConfig:
         return cls(upcast_attention=True, sample_size=96)
 
     @classmethod
+    def sd15(cls) -> "UNetConfig":
+        """stable-diffusion-v1-5: 512 px, epsilon; 8 heads everywhere, conv proj_in/out, 768-wide text."""
+        return cls(heads=(SD1_HEADS,) * 4, cross_attention_dim=768, use_linear_projection=False)
+
+    @classmethod
     def tiny(cls) -> "UNetConfig":
         """Same block types, linear projections, 64-channel heads and GEGLU as SD-2.1, and the same
         layer names (up_blocks.1.resnets.1, up_blocks.3.attentions.2, ...), at a fraction of the width."""
         return cls(block_out_channels=(64, 64, 128, 128), heads=(1, 1, 2, 2), cross_attention_dim=64, sample_size=8)
+
+    @classmethod
+    def tiny_sd15(cls) -> "UNetConfig":
+        """SD-1.5's settings at the tiny widths: 8 heads at every level (8- and 16-wide), conv
+        proj_in/proj_out, and a text context narrower than the UNet's first level (as 768 < 1280)."""
+        return cls(block_out_channels=(64, 64, 128, 128), heads=(SD1_HEADS,) * 4, cross_attention_dim=48,
+                   use_linear_projection=False, sample_size=8)
 
     @classmethod
     def from_diffusers_config(cls, d: dict) -> "UNetConfig":
@@ -76,22 +106,23 @@ class UNetConfig:
         levels = tuple(t == "CrossAttnDownBlock2D" for t in down)
         if tuple(t == "CrossAttnUpBlock2D" for t in reversed(up)) != levels:
             raise ValueError(f"unet config: up blocks {up} do not mirror down blocks {down}")
-        if not d.get("use_linear_projection", False):
-            raise ValueError("unet config: use_linear_projection=false is SD-1.x; this UNet is SD-2.x (linear proj_in/proj_out)")
         for key, want in (("transformer_layers_per_block", 1), ("mid_block_type", "UNetMidBlock2DCrossAttn"),
                           ("class_embed_type", None), ("addition_embed_type", None), ("time_embedding_type", "positional")):
             got = d.get(key, want)
             if got != want and not (isinstance(got, list) and set(got) == {want}):
                 raise ValueError(f"unet config: {key}={got!r} is not supported (SD-2.x: {want!r})")
         channels = tuple(d["block_out_channels"])
-        # diffusers' SD-2 configs store the HEAD COUNT under the historical name "attention_head_dim".
+        # diffusers stores the HEAD COUNT under the historical name "attention_head_dim" (it reads
+        # num_attention_heads = attention_head_dim when the first is absent): SD-1.5's 8 is 8 heads of
+        # 40-160 channels, SD-2's [5, 10, 20, 20] is heads of 64. A newer config may say num_attention_heads.
         heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
         heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(channels)
         return cls(
             in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
             block_out_channels=channels, attention_levels=levels,
             layers_per_block=d.get("layers_per_block", 2), heads=heads,
-            cross_attention_dim=d.get("cross_attention_dim", 1024),
+            cross_attention_dim=d.get("cross_attention_dim", 1280),  # diffusers' own default
+            use_linear_projection=bool(d.get("use_linear_projection", False)),  # absent in SD-1.5's config: conv
             norm_num_groups=d.get("norm_num_groups", 32), norm_eps=d.get("norm_eps", 1e-5),
             upcast_attention=bool(d.get("upcast_attention", False)), sample_size=d.get("sample_size", 64),
         )
@@ -232,25 +263,34 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm, feature map -> tokens, linear proj_in, transformer block, proj_out, back, + input."""
+    """GroupNorm, proj_in, feature map -> tokens, transformer block, tokens -> map, proj_out, + input.
+
+    proj_in/proj_out are Linear on tokens (SD-2.x) or 1x1 convolutions on the map (SD-1.x): the
+    same per-pixel matrix, applied on whichever side of the reshape the checkpoint's shapes ask for."""
 
     def __init__(self, channels: int, heads: int, cfg: UNetConfig):
         super().__init__()
+        self.linear = cfg.use_linear_projection
         self.norm = group_norm(channels, cfg, eps=1e-6)  # 1e-6 here, unlike the resnets' 1e-5
-        self.proj_in = nn.Linear(channels, channels)
+        self.proj_in = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(channels, cfg.cross_attention_dim, heads, cfg.upcast_attention)]
         )
-        self.proj_out = nn.Linear(channels, channels)
+        self.proj_out = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor, control: UNetControl | None) -> Tensor:
         b, c, h, w = x.shape
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, C, H, W] -> [B, H*W, C]
-        tokens = self.proj_in(tokens)
+        y = self.norm(x)
+        if not self.linear:
+            y = self.proj_in(y)  # 1x1 conv on [B, C, H, W]
+        tokens = y.permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, C, H, W] -> [B, H*W, C]
+        if self.linear:
+            tokens = self.proj_in(tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context, control)
-        tokens = self.proj_out(tokens)
-        return x + tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)  # back to [B, C, H, W]
+        if self.linear:
+            return x + self.proj_out(tokens).reshape(b, h, w, c).permute(0, 3, 1, 2)  # back to [B, C, H, W]
+        return x + self.proj_out(tokens.reshape(b, h, w, c).permute(0, 3, 1, 2))
 
 
 class Downsample(nn.Module):
