@@ -12,7 +12,9 @@ One `EditControl` serves every pass of the algorithm:
 - keyframe pass (Alg. 1 line 3-4): edited branches attend jointly across the keyframes
   (`joint_frames=F`, Eq. 3-4), and the pass records T_base (edited outputs) and the source inputs;
 - propagation pass (Alg. 1 line 5): edited branches do not attend at all; their self-attention
-  output is Eq. 6 applied to the recorded keyframe tokens;
+  output is Eq. 6 applied to the recorded keyframe tokens. Under the released code's rule
+  (`tokenflow.propagation=released`) the source branch is propagated the same way from its own
+  recorded keyframe outputs, instead of attending;
 - per-frame pass (`joint_frames=1`) and all-frames extended attention (`joint_frames=F`, no record).
 """
 
@@ -27,7 +29,7 @@ from unet.attention import attention
 from unet.control import UNetControl
 from unet.model import SelfAttention
 
-from .propagation import Neighbours, propagate
+from .propagation import Neighbours, blend, nn_fields
 
 BRANCHES = 3  # source, unconditional, conditional
 
@@ -60,8 +62,10 @@ class KeyframeTokens:
     """What the keyframe pass records at every self-attention layer (by module path)."""
 
     keyframes: list[int]
+    record_source_outputs: bool = False  # the released rule propagates the source branch too
     source_inputs: dict[str, Tensor] = field(default_factory=dict)  # path -> [K, N, C]   phi(x^k)
     edited_outputs: dict[str, Tensor] = field(default_factory=dict)  # path -> [2, K, N, C] T_base
+    source_outputs: dict[str, Tensor] = field(default_factory=dict)  # path -> [K, N, C] (released rule only)
 
 
 @dataclass
@@ -70,6 +74,11 @@ class Propagation:
 
     tokens: KeyframeTokens
     neighbours: Neighbours  # for the frames of this batch, in batch order
+    propagate_source: bool = False  # released rule: the source branch's output is propagated too
+
+    def __post_init__(self):
+        if self.propagate_source and not self.tokens.record_source_outputs:
+            raise ValueError("Propagation: propagate_source needs a keyframe pass that recorded the source outputs")
 
 
 class EditControl(UNetControl):
@@ -99,11 +108,15 @@ class EditControl(UNetControl):
         if self.propagation is not None:
             # TokenFlow (Eq. 6): edited tokens come from the keyframes through the NN field of the
             # original video; the edited frames' own attention is never computed.
-            tokens = self.propagation.tokens
-            edited = propagate(
-                tokens.edited_outputs[attn.path], tokens.source_inputs[attn.path], source_x, self.propagation.neighbours
-            )  # [2, F, N, C]
-            return torch.cat([attn.plain(source_x), edited.reshape(2 * f, n, c)])
+            tokens, neighbours = self.propagation.tokens, self.propagation.neighbours
+            fields = nn_fields(tokens.source_inputs[attn.path], source_x, neighbours)  # Eq. 5, [F, N] each
+            edited = blend(tokens.edited_outputs[attn.path], fields, neighbours)  # Eq. 6, [2, F, N, C]
+            if self.propagation.propagate_source:
+                # released rule: the original video's branch is gathered through the same field
+                source_out = blend(tokens.source_outputs[attn.path][None], fields, neighbours)[0]  # [F, N, C]
+            else:
+                source_out = attn.plain(source_x)  # the paper: the original's features are its own
+            return torch.cat([source_out, edited.reshape(2 * f, n, c)])
 
         q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
         if self.pnp.injects_qk(attn.path):
@@ -116,6 +129,8 @@ class EditControl(UNetControl):
         out = attn.to_out[0](torch.cat([source_out, edited_out]))
         if self.record is not None:
             self.record.edited_outputs[attn.path] = out[f:].reshape(2, f, n, c).clone()  # T_base (own storage, as above)
+            if self.record.record_source_outputs:
+                self.record.source_outputs[attn.path] = out[:f].clone()
         return out
 
     def resnet_residual(self, path: str, h: Tensor) -> Tensor:

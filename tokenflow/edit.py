@@ -12,6 +12,8 @@ The editing technique (PnP-Diffusion or SDEdit) acts through the same passes (co
 Modes (the paper's ablations, `tokenflow.mode=`): `tokenflow` (default), `fixed_keyframes` (same
 evenly spaced keyframes every step), `per_frame` (the editing technique on each frame alone) and
 `extended_all` ("w/o TokenFlow": extended attention across all frames, no propagation).
+Propagation rules (`tokenflow.propagation=`): `paper` (Eq. 6-7 as printed) or `released` (the
+authors' released code: group-centre weights, source branch propagated too); see propagation.py.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from unet.model import UNet
 
 from .controls import EditControl, KeyframeTokens, PnPInjection, Propagation
 from .keyframes import fixed_keyframes, random_keyframes
-from .propagation import Neighbours, keyframe_neighbours
+from .propagation import RULES, keyframe_neighbours
 
 MODES = ("tokenflow", "fixed_keyframes", "per_frame", "extended_all")
 METHODS = ("pnp", "sdedit")
@@ -49,6 +51,7 @@ class EditSettings:
     guidance_scale: float = 7.5
     keyframe_interval: int = 8
     weighting: str = "sigmoid"  # Eq. 7 as printed; "linear": w = d- / (d+ + d-)
+    propagation: str = "paper"  # which keyframes a frame blends: "paper" (Eq. 6-7) or "released" (authors' code)
     batch_size: int = 8  # frames per forward in the propagation / per-frame passes
     seed: int = 0
     pnp_qk_fraction: float = 0.5  # q/k injection for the first 50% of steps
@@ -61,6 +64,11 @@ class EditSettings:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"tokenflow.mode must be one of {MODES}, got {self.mode!r}")
+        if self.propagation not in RULES:
+            raise ValueError(f"tokenflow.propagation must be one of {RULES}, got {self.propagation!r}")
+        if self.propagation == "released" and self.mode == "fixed_keyframes":
+            raise ValueError("tokenflow.propagation=released pairs each interval with its own drawn keyframe; "
+                             "fixed_keyframes spaces them evenly instead: use tokenflow.propagation=paper with it")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.batch_size < 1 or self.keyframe_interval < 1:
@@ -129,10 +137,6 @@ def batches(n: int, size: int) -> list[list[int]]:
     return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
 
 
-def _subset(n: Neighbours, frames: list[int]) -> Neighbours:
-    return Neighbours(past=n.past[frames], future=n.future[frames], w=n.w[frames])
-
-
 def keyframes_at(settings: EditSettings, n: int, step: int) -> list[int] | None:
     """The keyframes of denoising step `step` (None in the modes without keyframes). The random
     draw comes from a generator seeded with (seed, step), so a step's keyframes are a pure function
@@ -165,13 +169,16 @@ def denoise_step(
     new = torch.empty_like(latents)
     if settings.mode in ("tokenflow", "fixed_keyframes"):
         # (I) keyframe pass: joint edit with extended attention; only the recorded tokens are kept
-        tokens = KeyframeTokens(keyframes)
+        released = settings.propagation == "released"
+        tokens = KeyframeTokens(keyframes, record_source_outputs=released)
         control = make_control(len(keyframes), pnp=pnp, joint_frames=len(keyframes), record=tokens, query_chunk=settings.query_chunk)
         guided_output(unet, latents[keyframes], source[keyframes], t, prompts, control, settings.guidance_scale)
         # (II) propagation pass over every frame, keyframes included
-        neighbours = keyframe_neighbours(list(range(n)), keyframes, settings.weighting)
+        neighbours = keyframe_neighbours(
+            list(range(n)), keyframes, settings.weighting, rule=settings.propagation, interval=settings.keyframe_interval,
+        ).to(latents.device)  # once per step, not per layer
         for frames in batches(n, settings.batch_size):
-            propagation = Propagation(tokens, _subset(neighbours, frames))
+            propagation = Propagation(tokens, neighbours.subset(frames), propagate_source=released)
             new[frames] = denoise(frames, make_control(len(frames), pnp=pnp, propagation=propagation))
     elif settings.mode == "per_frame":
         for frames in batches(n, settings.batch_size):
