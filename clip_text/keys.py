@@ -1,9 +1,11 @@
-"""Key names of the text encoder in the files SD-2.1 ships as, mapped onto the model's names.
+"""Key names of the text encoder in the files SD-1.5 and SD-2.x ship as, mapped onto the model's names.
 
-The model's names are the published transformers ones (`text_model.*`). Two other spellings exist:
+The model's names are the published transformers ones (`text_model.*`). Other spellings:
   - transformers 5.x `save_pretrained` writes the same tensors without the `text_model.` prefix;
-  - the single ldm file holds OpenCLIP's text tower under `cond_stage_model.model.` (the caller strips
-    that prefix), with q, k, v fused into one `in_proj` and all 24 blocks.
+  - an SD-2.x ldm file holds OpenCLIP's text tower under `cond_stage_model.model.` (the caller strips
+    that prefix), with q, k, v fused into one `in_proj` and all 24 blocks;
+  - an SD-1.x ldm file holds transformers' CLIPTextModel as it is, under `cond_stage_model.transformer.`
+    (`LDM_SD1_PREFIX`): stripping the prefix leaves the published names (older files add position_ids).
 
 Unknown keys are passed through unchanged, so the strict loader names them instead of this file
 silently dropping them. Only keys known to be unused are listed, by name, for the loader to ignore.
@@ -17,6 +19,9 @@ from typing import Mapping
 import torch
 
 from tokenflow.models.checkpoint import CheckpointError
+
+LDM_SD2_PREFIX = "cond_stage_model.model."  # OpenCLIP ViT-H/14 text tower (SD-2.x)
+LDM_SD1_PREFIX = "cond_stage_model.transformer."  # transformers CLIPTextModel, OpenAI ViT-L/14 (SD-1.x)
 
 # In the published text_encoder/model.safetensors; recomputed on the fly by the model.
 IGNORED_KEYS = ("text_model.embeddings.position_ids",)

@@ -1,14 +1,19 @@
-"""The SD-2.1 text encoder: OpenCLIP ViT-H/14's text transformer, cut after its 23rd of 24 blocks.
+"""The text encoders of Stable Diffusion: one CLIP text transformer, two sets of settings.
 
-SD-2 conditions the UNet on the PENULTIMATE block's output followed by the final LayerNorm. The
-diffusers export drops the 24th block, so "last block, then final_layer_norm" here is exactly that.
+- SD-2.x: OpenCLIP ViT-H/14's text tower (1024 wide, 16 heads, exact GELU), cut after its 23rd of 24
+  blocks. SD-2 conditions the UNet on the PENULTIMATE block's output followed by the final LayerNorm;
+  the diffusers export drops the 24th block, so "last block, then final_layer_norm" is exactly that.
+- SD-1.5: OpenAI CLIP ViT-L/14's text tower (768 wide, 12 heads, 12 blocks, quick_gelu). SD-1.5 reads
+  the LAST block's output followed by the final LayerNorm: again "every block, then final_layer_norm".
+The maths is the same pre-LN causal transformer; only the widths, the depth and the activation differ,
+all in TextConfig.
 
 Attribute names follow the published transformers keys (`text_model.encoder.layers.N.self_attn.q_proj`,
 ...), so filling the model is a strict walk over the file. Nothing is registered as a buffer: the
 model is built on the meta device and only parameters are filled; position ids and the causal mask
 are made on the fly.
 
-`Block` is the pre-LN transformer block shared with CLIP's image tower (same names, same maths;
+`Block` is the pre-LN transformer block shared by both text towers and CLIP's image tower (same names, same maths;
 that tower uses quick_gelu and no causal mask).
 """
 
@@ -47,6 +52,11 @@ class TextConfig:
     @classmethod
     def sd21(cls) -> "TextConfig":
         return cls()
+
+    @classmethod
+    def sd15(cls) -> "TextConfig":
+        """OpenAI CLIP ViT-L/14's text tower, all 12 blocks: 123,060,480 parameters."""
+        return cls(width=768, heads=12, layers=12, mlp=3072, act="quick_gelu")
 
     @classmethod
     def tiny(cls) -> "TextConfig":
@@ -106,6 +116,37 @@ class TextConfig:
             layers=blocks - 1,
             mlp=int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
             act="gelu",
+        )
+
+
+    @classmethod
+    def from_transformers_state_dict(
+        cls, state: dict, *, heads: int | None = None, source: str = "cond_stage_model.transformer.*",
+    ) -> "TextConfig":
+        """From the shapes of an OpenAI CLIP text tower in transformers names (`text_model.*`), as an
+        SD-1.x ldm file holds it under `cond_stage_model.transformer.`.
+
+        All blocks are used (SD-1.5 reads the last one). As for OpenCLIP, the head count is in no
+        shape: OpenAI's CLIP text towers use 64-wide heads (ViT-L/14: 768 / 64 = 12); pass `heads`
+        otherwise. The activation is quick_gelu, which OpenAI's CLIP weights were trained with.
+        """
+        p = "text_model."
+        for key in (p + "embeddings.token_embedding.weight", p + "embeddings.position_embedding.weight",
+                    p + "encoder.layers.0.mlp.fc1.weight"):
+            if key not in state:
+                raise ValueError(f"{source}: no {key!r}; not a CLIP text tower in transformers names")
+        vocab_size, width = state[p + "embeddings.token_embedding.weight"].shape
+        layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith(p + "encoder.layers."))
+        if heads is None:
+            if width % 64:
+                raise ValueError(f"{source}: width {width} is not a multiple of 64-wide heads; pass heads=")
+            heads = width // 64
+        return cls(
+            vocab_size=int(vocab_size),
+            max_positions=int(state[p + "embeddings.position_embedding.weight"].shape[0]),
+            width=int(width), heads=heads, layers=layers,
+            mlp=int(state[p + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
+            act="quick_gelu",
         )
 
 
