@@ -4,6 +4,7 @@ while writing leaves none of the run's outputs behind."""
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from fractions import Fraction
@@ -58,7 +59,12 @@ def test_every_mode_writes_the_source_frames_and_fps(tmp_path, clip, mode, metho
     sbs = read_video(out / "side_by_side.mp4")
     assert sbs.num_frames == 7 and sbs.width == 128
     run = json.loads((out / "run.json").read_text())
-    assert run["frames"] == 7 and run["fps"] == "15" and run["mode"] == mode
+    assert run["frames"] == 7 and run["fps"] == 15 and isinstance(run["fps"], float) and run["mode"] == mode
+    assert run["warnings"] == [pipeline.RANDOM_WEIGHTS_WARNING]  # the tiny model says its output is noise
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: stat.S_IMODE((out / name).stat().st_mode) for name in ("config.yaml", "edited.mp4", "side_by_side.mp4", "run.json")}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # the videos too (written through a 0600 temp file)
     assert run["peak_memory_mb"]["cpu_rss"] > 0
     if mode == "tokenflow":
         assert len(run["keyframes_per_step"]) == len(run["timesteps"]) > 0
@@ -85,7 +91,7 @@ def test_seeded_run_is_bit_identical_and_reuses_inversion(tmp_path, clip):
 def test_one_frame_and_odd_sizes_are_handled(tmp_path):
     frames = torch.randint(0, 255, (3, 70, 100, 3), dtype=torch.uint8)
     odd = write_video(tmp_path / "odd.mp4", frames, 20)
-    facts = run_edit(config(tmp_path, f"video={odd}", "size=null", "frames.max=1"), tmp_path / "one")
+    facts = run_edit(config(tmp_path, f"video={odd}", "size=full", "frames.max=1"), tmp_path / "one")
     assert facts.frames == 1 and facts.size == [64, 64]  # centre-cropped to multiples of 64, and said so
     assert any("crop" in note for note in facts.notes)
     assert read_video(tmp_path / "one" / "edited.mp4").num_frames == 1
@@ -94,7 +100,10 @@ def test_one_frame_and_odd_sizes_are_handled(tmp_path):
 def test_long_prompt_is_truncated_with_a_recorded_warning(tmp_path, clip):
     long_prompt = " ".join(["a very detailed oil painting of a wolf"] * 12)
     facts = run_edit(config(tmp_path, f"video={clip}", f"prompt='{long_prompt}'", "frames.max=2"), tmp_path / "r")
-    assert any("dropped" in w for w in facts.warnings)
+    assert [w for w in facts.warnings if "dropped" in w] == [
+        f"prompt has 96 tokens, CLIP reads at most 75: the last 21 token(s) are dropped (prompt starts {long_prompt[:60] + '...'!r})"]
+    facts = run_edit(config(tmp_path, f"video={clip}", f"negative_prompt='{long_prompt}'", "frames.max=2"), tmp_path / "n")
+    assert [w.split(" has ")[0] for w in facts.warnings if "dropped" in w] == ["negative_prompt"]  # which prompt, by its key
 
 
 @pytest.mark.parametrize("override,error", [
@@ -228,4 +237,5 @@ def test_cli_without_weights_says_what_to_do(tmp_path, clip):
     res = run_cli([f"video={clip}", "model.source=nobody/no-such-model", f"hydra.run.dir={tmp_path / 'x'}"], tmp_path)
     assert res.returncode == 2
     assert "model=tiny" in res.stderr and "nobody/no-such-model" in res.stderr
-    assert set(written(tmp_path / "x")) <= {".hydra", "cli.log"}  # Hydra's own files only, no config.yaml
+    assert written(tmp_path / "x") == []  # not even Hydra's .hydra/ and log: the failed run's folder is removed
+    assert "no outputs were written" in res.stderr

@@ -167,7 +167,7 @@ def _run(cfg) -> None:
         what = str(e) if isinstance(e, RunInterrupted) else "interrupted"
         print(f"\n{what} ({_remove_failed_run_dir(out_dir)})", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)
-    print(f"[tokenflow] {facts.frames} frames {facts.size[1]}x{facts.size[0]} at {facts.fps} fps; "
+    print(f"[tokenflow] {facts.frames} frames {facts.size[1]}x{facts.size[0]} at {facts.fps:g} fps; "
           f"seconds per frame: {facts.seconds_per_frame}")
     for name, path in facts.outputs.items():
         print(f"[tokenflow] wrote {name}: {path}")
