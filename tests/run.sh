@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,cluster]"  # cluster: the launcher tests (joblib, submitit_local)
 # open_clip_torch ships the real CLIP BPE vocabulary and OpenCLIP's reference tokenizer; --no-deps
 # because its dependencies (torchvision) have no CPU build here and the tests never import it.
 python -m pip install -q --no-deps open_clip_torch

@@ -49,12 +49,34 @@ def invert_frames(
 
     clean: [n, 4, h, w] scaled latents; prompt: [1, 77, C]. Returns {t: [n, 4, h, w]} on the CPU for
     every t in keep_timesteps. Frames found in `cache` are loaded, the others computed and saved.
+    Runs inverting the same clip into one cache at once share the work: each computes the frames it
+    claims and waits for (then loads) the frames another run claimed (see InversionCache.claim).
     """
     n = clean.shape[0]
     todo = list(range(n)) if cache is None else cache.missing(list(range(n)))
     if on_reuse is not None and len(todo) < n:
         on_reuse(n - len(todo))
     result = {t: torch.empty(n, *clean.shape[1:], dtype=clean.dtype) for t in keep_timesteps}
+    computed: set[int] = set()
+    while todo:
+        mine = todo if cache is None else cache.claim(todo)
+        try:
+            _invert_into(result, unet, schedule, clean, prompt, mine, inversion_steps, keep_timesteps, batch_size, cache, on_progress)
+        finally:
+            if cache is not None:
+                cache.release(mine)
+        computed.update(mine)
+        # the other runs' frames: wait for their files; a frame whose run died comes back to claim
+        todo = [] if cache is None else cache.wait([i for i in todo if i not in computed])
+    for i in range(n):
+        if i not in computed:
+            for t, x in cache.load(i).items():
+                result[t][i] = x.to(result[t].dtype)
+    return result
+
+
+def _invert_into(result, unet, schedule, clean, prompt, todo, inversion_steps, keep_timesteps, batch_size, cache, on_progress):
+    """Invert frames `todo` of `clean` into `result` {t: [n, ...]} (and the cache, frame by frame)."""
     for frames in batches(len(todo), batch_size):
         frames = [todo[i] for i in frames]
         context = prompt.expand(len(frames), -1, -1).to(clean)
@@ -73,8 +95,5 @@ def invert_frames(
         if cache is not None:
             for j, i in enumerate(frames):
                 cache.save(i, {t: kept[t][j].cpu() for t in keep_timesteps})
-    for i in range(n):
-        if i not in todo:
-            for t, x in cache.load(i).items():
-                result[t][i] = x.to(result[t].dtype)
-    return result
+            cache.release(frames)
+            cache.refresh(todo)

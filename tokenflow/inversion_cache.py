@@ -9,6 +9,13 @@ file + rename) the moment it is done, so a run that crashes leaves only whole fi
 recomputes just the missing frames. A file that is nevertheless unreadable (truncated by a full
 disk, copied half-way) counts as missing, with a warning, rather than stopping the run.
 
+Several runs may invert the same clip into one cache at once (a sweep's jobs, the ranks of one
+distributed run). Before computing a frame a run claims it: it creates frame_00000.claim with
+O_CREAT|O_EXCL, which exactly one process can do, so each frame is computed once; the others wait
+for its file (it appears whole, by rename) and load it. A claim whose owner died (same host: its pid
+is gone; another host: the claim was not refreshed for CLAIM_STALE_S seconds) is taken over, so a
+frame is computed at worst twice, never left waiting.
+
 Layout:  <root>/<key>/meta.json                  the key fields, as JSON
          <root>/<key>/frame_00000.safetensors    {"t981": [4, h, w], "t961": ..., ...} + metadata
          <root>/sample_clip/                     the generated sample clip (pipeline, video=sample)
@@ -21,6 +28,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +39,8 @@ from .models.checkpoint import safetensors_header
 from .media import image_files
 
 KEY_LENGTH = 16  # hex chars of sha256: 64 bits, plenty for one user's cache
+CLAIM_STALE_S = 3600.0  # a claim from another host not refreshed for this long: its owner is gone
+CLAIM_POLL_S = 0.5  # how often a run waiting for another's frames looks again
 CHUNK = 1 << 20
 
 
@@ -277,7 +288,7 @@ class InversionCache:
         metadata = {"key": self.key, "frame": str(i)}
         if self.fields is not None:
             metadata["fields"] = json.dumps(self.fields, sort_keys=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f"{path.name}.{_owner().replace(' ', '.')}.tmp")  # unique per process, also across hosts
         try:
             save_file(tensors, str(tmp), metadata=metadata)
             os.replace(tmp, path)
@@ -299,7 +310,7 @@ class InversionCache:
                 return
             if old.get("fields") is not None:
                 raise CacheError(f"{meta_path}: describes other key fields than this run's; remove {self.dir}")
-        tmp = meta_path.with_name(f"meta.json.{os.getpid()}.tmp")
+        tmp = meta_path.with_name(f"meta.json.{_owner().replace(' ', '.')}.tmp")
         tmp.write_text(json.dumps({"key": self.key, "fields": fields}, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, meta_path)
 
@@ -307,3 +318,85 @@ class InversionCache:
         """Delete every cached frame of this key (for a forced re-inversion)."""
         if self.dir.exists():
             shutil.rmtree(self.dir)
+
+    # ------------------------------------------------------------------ claims (concurrent runs)
+
+    def claim_path(self, i: int) -> Path:
+        return self.frame_path(i).with_suffix(".claim")
+
+    def claim(self, frames: list[int]) -> list[int]:
+        """Claim the frames of `frames` that no live run has claimed and no file holds yet -> the
+        ones now this process's to compute (release them with `release`, also on failure)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        mine = []
+        for i in frames:
+            path = self.claim_path(i)
+            if self._stale(path):
+                path.unlink(missing_ok=True)  # its owner is gone: take the frame over
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                continue  # another live run computes it
+            with os.fdopen(fd, "w") as f:
+                f.write(_owner())
+            if self.has(i):  # finished by another run between our `missing` and this claim
+                path.unlink(missing_ok=True)
+                continue
+            mine.append(i)
+        return mine
+
+    def release(self, frames: list[int]) -> None:
+        """Drop this process's claims on `frames` (saved or given up)."""
+        for i in frames:
+            path = self.claim_path(i)
+            if _read(path) == _owner():
+                path.unlink(missing_ok=True)
+
+    def refresh(self, frames: list[int]) -> None:
+        """Tell runs on other hosts that this process still works on its claimed `frames`."""
+        for i in frames:
+            path = self.claim_path(i)
+            if _read(path) == _owner():
+                os.utime(path)
+
+    def wait(self, frames: list[int], poll_s: float = CLAIM_POLL_S) -> list[int]:
+        """Wait until each of `frames` (claimed by other runs) has its file or lost its owner ->
+        the frames still missing, whose owner died without saving them (claim them again)."""
+        waiting = list(frames)
+        while waiting:
+            waiting = [i for i in waiting if not self.has(i) and self.claim_path(i).exists() and not self._stale(self.claim_path(i))]
+            if waiting:
+                time.sleep(poll_s)
+        return [i for i in frames if not self.has(i)]
+
+    @staticmethod
+    def _stale(path: Path) -> bool:
+        """True when the claim at `path` belongs to a process that is gone."""
+        owner = _read(path)
+        if owner is None:
+            return False  # no claim, or one being written this instant
+        host, _, pid = owner.rpartition(" ")
+        if host == socket.gethostname() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False  # alive, another user's
+            return False
+        try:
+            return time.time() - path.stat().st_mtime > CLAIM_STALE_S
+        except FileNotFoundError:
+            return False
+
+
+def _owner() -> str:
+    """This process, as a claim file names it: "<host> <pid>"."""
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text() or None
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
