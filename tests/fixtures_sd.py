@@ -1,4 +1,5 @@
-"""Test-only: a tiny SD-2.1-family checkpoint written by the reference libraries, in both layouts.
+"""Test-only: a tiny SD-2.1-family (or, with kind="sd15", SD-1.5-family) checkpoint written by the
+reference libraries, in both layouts.
 
 - `write_diffusers_folder(root)`: diffusers `UNet2DConditionModel` and `AutoencoderKL`, transformers
   `CLIPTextModel` (renamed to the PUBLISHED key layout: `text_model.` prefix and position_ids, which
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 
 from tokenflow.models.checkpoint import assign_strict
 
-from ldm_writer_text import transformers_text_to_ldm
+from ldm_writer_text import transformers_text_to_ldm, transformers_text_to_ldm_sd1
 from ldm_writer_unet import diffusers_unet_to_ldm
 from ldm_writer_vae import diffusers_vae_to_ldm
 from test_tokenizer import load_open_clip_tokenizer_module, write_folder
@@ -54,23 +55,42 @@ def fill_on_meta(model_cls, cfg, state):
     return assign_strict(model, state, source="test").eval()
 
 
-def build_references(upcast: bool = False) -> References:
+# SD-1.5's differences from SD-2.1, at the tiny widths (sd15-and-released-code.md): 8 heads at every
+# level (diffusers' attention_head_dim=8 is the head COUNT), 1x1-conv proj_in/proj_out
+# (use_linear_projection false), a quick_gelu text tower with 64-wide heads, narrower than the SD-2 one's.
+SD15_UNET = dict(attention_head_dim=8, use_linear_projection=False, cross_attention_dim=128)
+SD15_TEXT = dict(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=256, hidden_act="quick_gelu")
+# SD-1.5's scheduler/scheduler_config.json as published: PNDM with the DDIM schedule's numbers, no prediction_type.
+SD15_SCHEDULER = dict(
+    _class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None,
+    clip_sample=False,
+)
+# SD-1.5's tokenizer/special_tokens_map.json: transformers' CLIPTokenizer padding with the end token.
+SD15_SPECIAL_TOKENS = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                           unk_token="<|endoftext|>")
+
+
+def build_references(upcast: bool = False, kind: str = "sd2") -> References:
     import diffusers
     import transformers
 
+    sd15 = kind == "sd15"
     torch.manual_seed(0)
+    unet_shape = SD15_UNET if sd15 else dict(attention_head_dim=[1, 1, 2, 2], use_linear_projection=True, cross_attention_dim=64)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, block_out_channels=(64, 64, 128, 128), attention_head_dim=[1, 1, 2, 2], cross_attention_dim=64,
+        sample_size=8, block_out_channels=(64, 64, 128, 128), **unet_shape,
         upcast_attention=upcast, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, use_linear_projection=True, layers_per_block=2,
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2,
     )
     vae = diffusers.AutoencoderKL(
         block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=64,
     )
+    text_shape = SD15_TEXT if sd15 else dict(
+        hidden_size=64, num_attention_heads=1, num_hidden_layers=2, intermediate_size=128, hidden_act="gelu")
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=64, num_attention_heads=1, num_hidden_layers=2, intermediate_size=128,
-        hidden_act="gelu", max_position_embeddings=77, projection_dim=32,
+        vocab_size=49408, max_position_embeddings=77, projection_dim=32, **text_shape,
     ))
     return References(perturb(unet, 1), perturb(vae, 2), perturb(text, 3))
 
@@ -81,24 +101,46 @@ def published_text_state(text) -> dict[str, torch.Tensor]:
     return state
 
 
+def is_sd15(refs: References) -> bool:
+    return not refs.unet.config.use_linear_projection
+
+
+def write_tokenizer_folder(folder: Path, sd15: bool) -> Path:
+    """vocab.json + merges.txt from OpenCLIP's BPE; for SD-1.5 also its special_tokens_map.json (pad <|endoftext|>)."""
+    write_folder(load_open_clip_tokenizer_module().SimpleTokenizer(), folder)
+    if sd15:
+        (folder / "special_tokens_map.json").write_text(json.dumps(SD15_SPECIAL_TOKENS))
+        (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+            SD15_SPECIAL_TOKENS, model_max_length=77, do_lower_case=True, tokenizer_class="CLIPTokenizer")))
+    return folder
+
+
 def write_diffusers_folder(root: Path, refs: References, prediction_type: str = "epsilon") -> Path:
+    """SD-1.5 folders get SD-1.5's published scheduler config (no prediction_type: epsilon) and tokenizer files."""
+    sd15 = is_sd15(refs)
     refs.unet.save_pretrained(root / "unet")
     refs.vae.save_pretrained(root / "vae")
     (root / "text_encoder").mkdir(parents=True)
     refs.text.config.to_json_file(root / "text_encoder" / "config.json")
     save_file({k: v.contiguous() for k, v in published_text_state(refs.text).items()}, root / "text_encoder" / "model.safetensors")
-    write_folder(load_open_clip_tokenizer_module().SimpleTokenizer(), root / "tokenizer")
+    write_tokenizer_folder(root / "tokenizer", sd15)
     (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(SCHEDULER, prediction_type=prediction_type)))
+    scheduler = SD15_SCHEDULER if sd15 else dict(SCHEDULER, prediction_type=prediction_type)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return root
 
 
-def write_ldm_file(path: Path, refs: References) -> Path:
+def write_ldm_file(path: Path, refs: References, position_ids: bool = True) -> Path:
+    """SD-2.x: OpenCLIP's text tower under cond_stage_model.model.; SD-1.5: transformers' CLIPTextModel
+    under cond_stage_model.transformer. (`position_ids`: as older SD-1.5 files hold them)."""
     state = diffusers_unet_to_ldm(refs.unet.state_dict(), 4, 2, (True, True, True, False))
     state.update({f"first_stage_model.{k}": v for k, v in diffusers_vae_to_ldm(refs.vae.state_dict()).items()})
-    text = transformers_text_to_ldm(published_text_state(refs.text))
-    state.update({f"cond_stage_model.model.{k}": v for k, v in text.items()})
+    if is_sd15(refs):
+        state.update(transformers_text_to_ldm_sd1(published_text_state(refs.text), position_ids=position_ids))
+    else:
+        text = transformers_text_to_ldm(published_text_state(refs.text))
+        state.update({f"cond_stage_model.model.{k}": v for k, v in text.items()})
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
     for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
                  "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
@@ -111,7 +153,8 @@ def write_ldm_file(path: Path, refs: References) -> Path:
 def compare_with_references(models, refs: References) -> dict[str, float]:
     """max abs differences: UNet output, VAE posterior mean and log-variance, decoded image, text hidden states."""
     torch.manual_seed(5)
-    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 64), torch.tensor([1, 901])
+    width = refs.unet.config.cross_attention_dim
+    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, width), torch.tensor([1, 901])
     images = torch.rand(1, 3, 64, 64) * 2 - 1
     ids = models.tokenizer(["a wolf in the snow", "a marble sculpture!"])
     with torch.no_grad():

@@ -51,3 +51,13 @@ def transformers_text_to_ldm(
     out["text_projection"] = torch.randn(width, width, generator=g)  # OpenCLIP ViT-H: [1024, 1024]
     out["logit_scale"] = torch.tensor(4.6052)  # ln(100), a scalar
     return out
+
+
+def transformers_text_to_ldm_sd1(state: dict[str, torch.Tensor], *, position_ids: bool = True) -> dict[str, torch.Tensor]:
+    """SD-1.x keeps transformers' CLIPTextModel as it is, under `cond_stage_model.transformer.` (prefix
+    added here): `cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight`, ...
+    Older files (v1-5-pruned-emaonly) also hold `...text_model.embeddings.position_ids`."""
+    out = {f"cond_stage_model.transformer.{k}": v for k, v in state.items()
+           if position_ids or not k.endswith("embeddings.position_ids")}
+    assert all(k.startswith("cond_stage_model.transformer.text_model.") for k in out)
+    return out

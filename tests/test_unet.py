@@ -123,8 +123,8 @@ def test_bad_inputs_and_configs():
         model(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 77, 32))
     with pytest.raises(ValueError, match="t must be"):
         model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2, 3]), torch.randn(2, 77, 64))
-    with pytest.raises(ValueError, match="use_linear_projection"):
-        UNetConfig.from_diffusers_config(dict(block_out_channels=[32], down_block_types=["DownBlock2D"], up_block_types=["UpBlock2D"]))
+    with pytest.raises(ValueError, match="64 channels do not split into 3 heads"):
+        UNetConfig(block_out_channels=(64,), attention_levels=(True,), heads=(3,))
     with pytest.raises(ValueError, match="unsupported block types"):
         UNetConfig.from_diffusers_config(dict(block_out_channels=[32], down_block_types=["SimpleCrossAttnDownBlock2D"], up_block_types=["UpBlock2D"]))
 

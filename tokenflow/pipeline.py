@@ -19,6 +19,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -26,10 +27,12 @@ from tqdm import tqdm
 
 from sampler.ddim import inversion_timesteps
 
+from .distributed import Ranks, rank_facts
 from .edit import MODES, EditSettings, PromptEmbeddings, edit_video_latents
 from .inversion import decode_latents, encode_frames, invert_frames
 from .inversion_cache import InversionCache, default_cache_root, model_file_stats, video_digest
-from .media import Video, fit_to_size, from_model_range, read_video, side_by_side, to_model_range, write_png_frames, write_video
+from .models import TINY_SOURCES
+from .media import Video, from_model_range, read_video, side_by_side, to_model_range, write_png_frames, write_video
 
 RECONSTRUCTION = "reconstruction"  # Table 1's "LDM recon.": encode and decode only, no edit
 ALL_MODES = (*MODES, RECONSTRUCTION)  # every tokenflow.mode conf/config.yaml documents
@@ -62,11 +65,17 @@ class RunFacts:
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
+    started: str = ""  # UTC, ISO 8601: when run_edit began and finished (overlapping runs of a parallel sweep show)
+    finished: str = ""
+    ranks: list[dict] = field(default_factory=list)  # torchrun: each rank's frames, timings, memory (distributed.py)
+    source: dict = field(default_factory=dict)  # media.SourceInfo: pixel format, rotation, vfr, frame rate, audio
 
 
 def pick_device(name: str) -> str:
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU per rank of this machine
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={name}: CUDA is not available on this machine; use device=cpu")
     return name
@@ -95,22 +104,27 @@ def load_video(cfg) -> Video:
         from .media.sample_clip import cached_sample_clip
 
         path = cached_sample_clip(sample_clip_folder(cfg))
-    video = read_video(path, start=sel["start"], end=sel["end"], stride=sel["stride"], max_frames=sel["max"])
-    size = cfg["size"]  # None (the model's native short side), "full", an int (short side) or [H, W]
+    size, note = cfg["size"], None  # None (the model's native short side), "full", an int (short side) or [H, W]
     if size is None:
         size = cfg["model"].get("native_size")  # 512 for SD-2.1-base, 768 for SD-2.1
         if size is None:
-            video.notes.append(f"model {cfg['model']['source']} names no native_size: keeping the input's size")
+            note = f"model {cfg['model']['source']} names no native_size: keeping the input's size"
     elif size == "full":
         size = None  # the input's own size, centre-cropped to multiples of 64
     elif isinstance(size, str):
         raise ValueError(f"size must be null (the model's native size), full, a short side in pixels or [H, W], got {size!r}")
-    return fit_to_size(video, size if size is None or isinstance(size, int) else tuple(size))
+    # each frame is fitted as it is decoded: memory holds run-size frames only (media/reading.py)
+    video = read_video(path, start=sel["start"], end=sel["end"], stride=sel["stride"], max_frames=sel["max"],
+                       size=size if size is None or isinstance(size, int) else tuple(size),
+                       audio=bool(cfg["output"].get("audio", True)))
+    if note:
+        video.notes.append(note)
+    return video
 
 
 def random_weights_warning(cfg) -> str | None:
     """A warning for the run facts and the console when the model's weights are random."""
-    return RANDOM_WEIGHTS_WARNING if cfg["model"]["source"] == "tiny" else None
+    return RANDOM_WEIGHTS_WARNING if cfg["model"]["source"] in TINY_SOURCES else None
 
 
 def tokenize_prompts(tokenizer, prompts: dict[str, str]) -> tuple[torch.Tensor, list[str]]:
@@ -158,10 +172,10 @@ def check_prompt(prompt, what: str) -> str:
 
 def load_model_bundle(cfg, device: str, dtype: torch.dtype):
     m = cfg["model"]
-    if m["source"] == "tiny":
+    if m["source"] in TINY_SOURCES:  # tiny (SD-2.x-shaped) or tiny_sd15
         from .models.tiny import build_tiny_models
 
-        return build_tiny_models(seed=m.get("seed", 0), dtype=dtype, device=device)
+        return build_tiny_models(seed=m.get("seed", 0), dtype=dtype, device=device, source=m["source"])
     from .models.loading import load_models
 
     return load_models(m["source"], dtype=dtype, device=device, variant=m.get("variant"), prediction_type=m.get("prediction_type"))
@@ -254,6 +268,7 @@ class Stopwatch:
     def __init__(self):
         self.timings: dict[str, float] = {}
         self._clock = time.perf_counter()
+        self.started = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         self.inversion_cache: str | None = None  # what a Ctrl-C message reports as cached
         self.frames: int | None = None
 
@@ -267,7 +282,7 @@ class Stopwatch:
 class SourceVideo:
     """The original video made ready for editing (paper Alg. 1, line 1): frames as read and
     resized, the models, clean latents, prompt embeddings and the inverted latents at every
-    sampling timestep (in the models' dtype, kept in host memory: [n, 4, h, w] per timestep adds up
+    sampling timestep (float32 like all DDIM state, kept in host memory: [n, 4, h, w] per timestep adds up
     to steps x n latents, so each step moves only its own timestep to the device)."""
 
     cfg: dict  # the resolved configuration it was prepared with
@@ -283,15 +298,18 @@ class SourceVideo:
     inversion_cache: str | None = None
     inversion_frames_reused: int = 0
     warnings: list[str] = field(default_factory=list)
+    shard: object = None  # distributed.FrameShard under torchrun: clean/source_latents are its rows
 
 
 def prepare_source(
     cfg, *, stopwatch: Stopwatch | None = None, positions: list[int] | None = None, invert: bool = True,
+    ranks: Ranks | None = None,
 ) -> SourceVideo:
     """Read and fit the video, load the models, VAE-encode, embed the prompts and DDIM-invert
     (cached). `positions`: only these frames of the selection (a figure of two frames needs no
-    more). `invert=False` stops after encoding (the reconstruction baseline). Writes nothing but
-    the caches (inversion, generated sample clip)."""
+    more). `invert=False` stops after encoding (the reconstruction baseline). `ranks` (torchrun):
+    this process encodes and inverts only its share of the frames (src.shard; clean and source
+    latents hold its rows only). Writes nothing but the caches (inversion, generated sample clip)."""
     watch = stopwatch or Stopwatch()
     show = bool(cfg.get("progress", True))
     device = pick_device(cfg["device"])
@@ -299,6 +317,8 @@ def prepare_source(
     video = load_video(cfg)
     for note in video.notes:
         print(f"[tokenflow] {note}", file=sys.stderr)
+    for message in video.warnings:
+        print(f"[tokenflow] warning: {message}", file=sys.stderr)
     if positions is None:
         positions = list(range(video.num_frames))
     bad = [i for i in positions if not 0 <= i < video.num_frames]
@@ -310,9 +330,12 @@ def prepare_source(
     models = load_model_bundle(cfg, device, dtype)
     models.unet.set_feed_forward_chunk(cfg["tokenflow"]["ff_chunk"])
     watch.lap("load_models")
-    clean = encode_frames(models.vae, to_model_range(frames), cfg["inversion"]["batch_size"])
+    shard = None if ranks is None else ranks.shard(n)
+    own = frames if shard is None else frames[shard.frames[0]: shard.frames[-1] + 1]
+    clean = encode_frames(models.vae, to_model_range(own), cfg["inversion"]["batch_size"])
+    n = clean.shape[0]  # the frames this process encodes and inverts (all but under torchrun)
     watch.lap("encode")
-    src = SourceVideo(cfg=cfg, video=video, frames=frames, models=models, device=device, dtype=dtype, clean=clean)
+    src = SourceVideo(cfg=cfg, video=video, frames=frames, models=models, device=device, dtype=dtype, clean=clean, shard=shard)
     if not invert:
         return src
 
@@ -329,7 +352,7 @@ def prepare_source(
     cache = None
     if inv["cache"]:
         model = cfg["model"]
-        is_tiny = model["source"] == "tiny"
+        is_tiny = model["source"] in TINY_SOURCES
         cache = InversionCache.for_run(
             inv["cache_dir"], video_digest=video_digest(video.path), indices=[video.indices[i] for i in positions],
             size=[video.height, video.width], model_id=str(model["source"]), inversion_steps=inv["steps"],
@@ -339,8 +362,10 @@ def prepare_source(
             extra={"dtype": str(dtype).replace("torch.", ""), "seed": model.get("seed", 0) if is_tiny else None,
                    "variant": model.get("variant"), "prediction_type": model.get("prediction_type")},
         )
-        if inv["force"]:
+        if inv["force"] and (shard is None or shard.ranks.is_root):
             cache.clear()
+        if shard is not None:
+            cache = shard.cache_view(cache)  # keyed and numbered as the whole selection's
         src.inversion_cache = str(cache.dir)
     watch.lap("encode_prompts")
     inversion_grid = inversion_timesteps(schedule, inv["steps"], src.timesteps)  # the path each frame climbs
@@ -363,7 +388,7 @@ def prepare_source(
     bar.close()
     if cache is not None and src.inversion_frames_reused < n:
         print(f"[tokenflow] inverted latents cached in {cache.dir}", file=sys.stderr)
-    src.source_latents = {t: x.to(dtype) for t, x in source_latents.items()}  # stays on the CPU
+    src.source_latents = source_latents  # float32 (the DDIM state), stays on the CPU
     watch.lap("inversion")
     return src
 
@@ -439,9 +464,10 @@ def write_outputs(stage: StagedOutputs, cfg, src: SourceVideo, edited: torch.Ten
     fps, crf = src.video.output_fps, cfg["output"]["crf"]
     outputs = {"config": stage.final("config.yaml"), "edited": stage.final("edited.mp4")}
     stage.path("config.yaml").write_text(OmegaConf.to_yaml(cfg))  # the resolved config this run ran with
-    _readable(write_video(stage.path("edited.mp4"), edited, fps, crf=crf))
+    audio = src.video.audio if cfg["output"].get("audio", True) else None  # the edited span's sound
+    _readable(write_video(stage.path("edited.mp4"), edited, fps, crf=crf, audio=audio))
     if cfg["output"]["side_by_side"]:
-        _readable(write_video(stage.path("side_by_side.mp4"), side_by_side(src.frames, edited), fps, crf=crf))
+        _readable(write_video(stage.path("side_by_side.mp4"), side_by_side(src.frames, edited), fps, crf=crf, audio=audio))
         outputs["side_by_side"] = stage.final("side_by_side.mp4")
     if cfg["output"]["png_frames"]:
         write_png_frames(stage.path("frames"), edited)
@@ -462,6 +488,11 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
     prompt = cfg["prompt"] if is_reconstruction else check_prompt(cfg["prompt"], "prompt")
     device = pick_device(cfg["device"])
     pick_dtype(cfg["dtype"], device)
+    ranks = Ranks.from_env(device)  # torchrun: this process edits a share of the frames, rank 0 writes
+    if ranks is not None:
+        ranks.check_mode(mode)
+        out_dir = ranks.broadcast(out_dir)
+        cfg = {**cfg, "progress": bool(cfg.get("progress", True)) and ranks.is_root}
     show = bool(cfg.get("progress", True))
     memory = PeakMemory(device)
     watch = Stopwatch()
@@ -469,7 +500,7 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
     if random_weights:
         print(f"[tokenflow] warning: {random_weights}", file=sys.stderr)
     try:
-        return _run_edit(cfg, out_dir, settings, prompt, show, memory, watch, random_weights)
+        return _run_edit(cfg, out_dir, settings, prompt, show, memory, watch, random_weights, ranks)
     except RunInterrupted:
         raise
     except KeyboardInterrupt:  # Ctrl-C outside the inversion: name the stage it stopped
@@ -478,12 +509,16 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
         cache = watch.inversion_cache
         frames = watch.frames or 0
         raise RunInterrupted(stage.replace("_", " "), cache, frames if cache else 0, frames) from None
+    finally:
+        if ranks is not None:
+            ranks.close()
 
 
 def _run_edit(cfg, out_dir: Path, settings, prompt: str, show: bool, memory: PeakMemory, watch: Stopwatch,
-              random_weights: str | None) -> RunFacts:
+              random_weights: str | None, ranks: Ranks | None = None) -> RunFacts:
     is_reconstruction = settings is None
-    src = prepare_source(cfg, stopwatch=watch, invert=not is_reconstruction)
+    src = prepare_source(cfg, stopwatch=watch, invert=not is_reconstruction, ranks=ranks)
+    shard = src.shard
     watch.inversion_cache, watch.frames = src.inversion_cache, src.frames.shape[0]
     video, models, n = src.video, src.models, src.frames.shape[0]
     facts = RunFacts(
@@ -492,7 +527,9 @@ def _run_edit(cfg, out_dir: Path, settings, prompt: str, show: bool, memory: Pea
         mode=cfg["tokenflow"]["mode"], method=cfg["method"]["name"], prompt=prompt, device=src.device,
         dtype=str(src.dtype).replace("torch.", ""), inversion_cache=src.inversion_cache,
         inversion_frames_reused=src.inversion_frames_reused, warnings=[w for w in (random_weights, *src.warnings) if w],
+        source=asdict(video.source),
     )
+    facts.warnings += video.warnings  # e.g. a sound track that cannot be read
 
     if is_reconstruction:
         edited_latents = src.clean
@@ -505,15 +542,25 @@ def _run_edit(cfg, out_dir: Path, settings, prompt: str, show: bool, memory: Pea
                 sample_bar(n)
 
         edited_latents, record = edit_video_latents(
-            models.unet, models.config.schedule, settings, src.prompts, src.source_latents, src.clean, src.timesteps,
-            progress=progress,
+            models.unet, models.config.schedule, settings, src.prompts,
+            *((src.source_latents, src.clean) if shard is None else (shard.full_source(src.source_latents), shard.full(src.clean))),
+            src.timesteps, progress=progress, shard=shard,
         )
+        if shard is not None:
+            edited_latents = shard.own_rows(edited_latents)
         sample_bar.close()
         facts.keyframes_per_step, facts.timesteps = record.keyframes, record.timesteps
         watch.lap("editing")
 
     edited = from_model_range(decode_latents(models.vae, edited_latents, cfg["inversion"]["batch_size"]))
     watch.lap("decode")
+    if shard is not None:  # torchrun: every rank's decoded frames to rank 0, which writes; the others are done
+        facts.ranks = rank_facts(ranks, shard, src.device, watch.timings, src.inversion_frames_reused, memory.report())
+        facts.inversion_frames_reused = sum(r["inversion_frames_reused"] for r in facts.ranks)
+        edited = shard.gather_to_root(edited)
+        if edited is None:
+            facts.timings_s = watch.timings
+            return facts
 
     with staged_outputs(out_dir) as stage:
         outputs = write_outputs(stage, cfg, src, edited)
@@ -524,5 +571,6 @@ def _run_edit(cfg, out_dir: Path, settings, prompt: str, show: bool, memory: Pea
         if memory.note:
             facts.notes.append(memory.note)
         facts.outputs = {k: str(v) for k, v in outputs.items()}
+        facts.started, facts.finished = watch.started, datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         stage.path("run.json").write_text(json.dumps(asdict(facts), indent=2, ensure_ascii=False), encoding="utf-8")
     return facts

@@ -12,6 +12,7 @@ Also infers a UNetConfig from an ldm state dict's shapes (an ldm file carries no
 from __future__ import annotations
 
 import re
+from typing import Mapping, Sequence
 
 from torch import Tensor
 
@@ -128,7 +129,7 @@ def config_from_ldm(
     ctx_key = next((k for k in state if k.endswith("attn2.to_k.weight")), None)
     if ctx_key is None:
         raise ValueError(f"{source}: no cross-attention weights (*.attn2.to_k.weight); not a text-conditioned SD UNet")
-    linear = uses_linear_projection(state, source)
+    linear = uses_linear_projection({k: v.shape for k, v in state.items()}, source)
     heads = tuple(max(c // SD2_HEAD_DIM, 1) for c in channels) if linear else (SD1_HEADS,) * n_levels
     return UNetConfig(
         in_channels=in_ch, out_channels=out_ch, block_out_channels=tuple(channels), attention_levels=tuple(attn),
@@ -137,9 +138,10 @@ def config_from_ldm(
     )
 
 
-def uses_linear_projection(state: dict[str, Tensor], source: str = PREFIX + "*") -> bool:
-    """True for Linear proj_in weights [C, C] (SD-2.x), False for 1x1 convs [C, C, 1, 1] (SD-1.x)."""
-    dims = {tuple(v.shape[2:]) for k, v in state.items() if k.endswith((".proj_in.weight", ".proj_out.weight"))}
+def uses_linear_projection(shapes: Mapping[str, Sequence[int]], source: str = PREFIX + "*") -> bool:
+    """True for Linear proj_in weights [C, C] (SD-2.x), False for 1x1 convs [C, C, 1, 1] (SD-1.x).
+    `shapes`: key -> shape, of tensors or of a safetensors header (no weights need be read)."""
+    dims = {tuple(shape[2:]) for k, shape in shapes.items() if k.endswith((".proj_in.weight", ".proj_out.weight"))}
     if dims == {()}:
         return True
     if dims == {(1, 1)}:

