@@ -11,8 +11,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .audio import SourceAudio
+
+
+@dataclass
+class SourceInfo:
+    """What the source file is, for the run facts (RunFacts.source)."""
+
+    pixel_format: str | None = None  # as decoded, e.g. yuv420p10le (converted to 8-bit RGB on reading)
+    bit_depth: int | None = None
+    rotation: int = 0  # counter-clockwise degrees the frames were turned to stand upright
+    vfr: bool = False  # variable frame rate: frames were picked by timestamp (timing.py)
+    frame_rate: str | None = None  # the constant rate the frames are taken at (for VFR: the average)
+    audio: str | None = None  # what the outputs' sound is, None when they have none
 
 
 @dataclass
@@ -23,11 +39,20 @@ class Video:
     indices: list[int]  # source frame index of each row of `frames`
     notes: list[str] = field(default_factory=list)  # human sentences: what was selected, resized, cropped
     stride: int = 1
+    start_time: Fraction = Fraction(0)  # seconds on the source's clock where the first frame is shown
+    source: SourceInfo = field(default_factory=lambda: SourceInfo())
+    audio: SourceAudio | None = None  # the span's sound, when asked for and the source has it
+    warnings: list[str] = field(default_factory=list)  # what could not be done (e.g. unreadable audio)
 
     @property
     def output_fps(self) -> Fraction:
         """The rate to write these frames at so they play at the source speed."""
         return self.fps / self.stride
+
+    @property
+    def duration(self) -> Fraction:
+        """Seconds of the source the frames cover (and the written videos last)."""
+        return self.num_frames / self.output_fps
 
     @property
     def num_frames(self) -> int:

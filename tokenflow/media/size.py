@@ -1,8 +1,13 @@
-"""Size: fit frames to the UNet's size grid (multiples of 64 px), by resizing and centre-cropping."""
+"""Size: fit frames to the UNet's size grid (multiples of 64 px), by resizing and centre-cropping.
+
+The fit is planned once from the source's (upright) frame size, as a `FitPlan`, and applied to any
+number of frames: reading applies it to each frame as it is decoded, so a long 1080p clip edited at
+512 never holds more than one full-resolution frame (see reading.py).
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -10,24 +15,53 @@ import torch.nn.functional as F
 from .frames import Video, check_frames
 
 
-def fit_to_size(video: Video, size: int | tuple[int, int] | None = None, multiple: int = 64) -> Video:
-    """Resize and/or centre-crop so H and W are multiples of `multiple` (the UNet needs /64 px).
+@dataclass(frozen=True)
+class FitPlan:
+    """Resize (h, w) -> `resized`, then centre-crop to `target`; all (height, width) in pixels."""
 
-    size None: keep the scale, crop each side down to a multiple.
-    size int: resize so the short side is `size` (aspect kept), then crop the long side.
-    size (H, W): resize just enough to cover H x W (aspect kept), then crop to exactly H x W.
-    A sentence saying what was done is appended to `notes`; nothing done, nothing appended.
-    """
+    source: tuple[int, int]
+    resized: tuple[int, int]
+    target: tuple[int, int]
+
+    @property
+    def is_identity(self) -> bool:
+        return self.source == self.resized == self.target
+
+    def apply(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [F, *source, 3] -> uint8 [F, *target, 3]."""
+        if tuple(frames.shape[1:3]) != self.source:
+            h, w = self.source
+            raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[1]}, the fit was planned for {w}x{h}")
+        if self.resized != self.source:
+            frames = _resize(frames, self.resized)
+        if self.target != self.resized:
+            top = (self.resized[0] - self.target[0]) // 2
+            left = (self.resized[1] - self.target[1]) // 2
+            frames = frames[:, top:top + self.target[0], left:left + self.target[1]].contiguous()
+        return frames
+
+    def note(self) -> str | None:
+        """What the plan does, in words; None when it does nothing."""
+        (h, w), did = self.source, []
+        if self.resized != self.source:
+            did.append(f"resized {w}x{h} -> {self.resized[1]}x{self.resized[0]}")
+        if self.target != self.resized:
+            did.append(
+                f"centre-cropped to {self.target[1]}x{self.target[0]}" if did
+                else f"centre-cropped {w}x{h} -> {self.target[1]}x{self.target[0]}"
+            )
+        return ", ".join(did) or None
+
+
+def plan_fit(
+    h: int, w: int, size: int | tuple[int, int] | None = None, multiple: int = 64, *, path: str = "video",
+) -> FitPlan:
+    """How to make an h x w frame fit the UNet's grid (see fit_to_size for what `size` means)."""
     if not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple must be a positive int, got {multiple!r}")
-    check_frames(video.frames, "video.frames")
-    h, w = video.height, video.width
-
     if size is None:
         if h < multiple or w < multiple:
-            raise ValueError(
-                f"{video.path}: {w}x{h} is smaller than {multiple} px on a side; pass size= to upscale"
-            )
+            raise ValueError(f"{path}: {w}x{h} is smaller than {multiple} px on a side; pass size= to upscale")
         resized = (h, w)
         target = (h // multiple * multiple, w // multiple * multiple)
     elif isinstance(size, int) and not isinstance(size, bool):
@@ -47,23 +81,24 @@ def fit_to_size(video: Video, size: int | tuple[int, int] | None = None, multipl
         target = (th, tw)
     else:
         raise ValueError(f"size must be None, an int or a (height, width) pair, got {size!r}")
+    return FitPlan(source=(h, w), resized=resized, target=target)
 
-    frames = video.frames
-    did = []
-    if resized != (h, w):
-        frames = _resize(frames, resized)
-        did.append(f"resized {w}x{h} -> {resized[1]}x{resized[0]}")
-    if target != resized:
-        top = (resized[0] - target[0]) // 2
-        left = (resized[1] - target[1]) // 2
-        frames = frames[:, top:top + target[0], left:left + target[1]].contiguous()
-        did.append(
-            f"centre-cropped to {target[1]}x{target[0]}" if did
-            else f"centre-cropped {w}x{h} -> {target[1]}x{target[0]}"
-        )
-    if not did:
+
+def fit_to_size(video: Video, size: int | tuple[int, int] | None = None, multiple: int = 64) -> Video:
+    """Resize and/or centre-crop so H and W are multiples of `multiple` (the UNet needs /64 px).
+
+    size None: keep the scale, crop each side down to a multiple.
+    size int: resize so the short side is `size` (aspect kept), then crop the long side.
+    size (H, W): resize just enough to cover H x W (aspect kept), then crop to exactly H x W.
+    A sentence saying what was done is appended to `notes`; nothing done, nothing appended.
+    """
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+    check_frames(video.frames, "video.frames")
+    plan = plan_fit(video.height, video.width, size, multiple, path=video.path)
+    if plan.is_identity:
         return video
-    return replace(video, frames=frames, notes=[*video.notes, ", ".join(did)])
+    return replace(video, frames=plan.apply(video.frames), notes=[*video.notes, plan.note()])
 
 
 def _resize(frames: torch.Tensor, hw: tuple[int, int], chunk: int = 8) -> torch.Tensor:

@@ -10,11 +10,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .audio import SourceAudio, add_audio_stream, mux_audio
 from .frames import as_fraction, check_frames
 
 
-def write_video(path: Path | str, frames: torch.Tensor, fps: Fraction | float | int, *, crf: int = 18) -> Path:
+def write_video(
+    path: Path | str, frames: torch.Tensor, fps: Fraction | float | int, *, crf: int = 18,
+    audio: SourceAudio | None = None,
+) -> Path:
     """Write exactly F frames as H.264 (libx264, yuv420p) mp4 at exactly `fps`, atomically.
+
+    `audio`: a source's sound for the same span (audio.py), muxed beside the frames so that its
+    first sample plays with the first frame; None writes a silent video.
 
     The file is encoded into a temp file beside `path` and renamed into place, so a crash leaves
     either the old file or none, never half a video. yuv420p stores colour at half resolution, so
@@ -48,6 +55,7 @@ def write_video(path: Path | str, frames: torch.Tensor, fps: Fraction | float | 
             stream = container.add_stream("libx264", rate=fps)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             stream.options = {"crf": str(crf)}
+            sound = None if audio is None else add_audio_stream(container, audio)
             for i in range(n):
                 frame = av.VideoFrame.from_ndarray(array[i], format="rgb24")
                 frame.pts = i  # one tick of 1/fps per frame: no duplicated or dropped frames
@@ -56,6 +64,8 @@ def write_video(path: Path | str, frames: torch.Tensor, fps: Fraction | float | 
                     container.mux(packet)
             for packet in stream.encode():  # flush the encoder's delayed frames
                 container.mux(packet)
+            if sound is not None:
+                mux_audio(container, sound, audio)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
