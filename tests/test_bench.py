@@ -99,7 +99,7 @@ def test_end_to_end_reads_seconds_per_frame_from_run_json():
 
 def test_cli_writes_the_markdown(tmp_path, capsys):
     out = tmp_path / "bench.md"
-    assert main(["--models", "text", "--config", "tiny", "--repeats", "1", "--warmup", "0", "--no-memory",
+    assert main(["--parts", "text", "--model", "tiny", "--repeats", "1", "--warmup", "0", "--no-memory",
                  "--batch", "2", "--markdown", str(out), "--json", str(tmp_path / "bench.json")]) == 0
     text = out.read_text()
     assert "| text | tiny | cpu | float32 | 2 | ids [2,77] |" in text
@@ -113,8 +113,8 @@ def test_bad_input_is_named(capsys):
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         bench_model("unet", "tiny", dtype="float8")
     with pytest.raises(SystemExit):
-        main(["--models", "unet,clip"])
-    assert "unknown model clip" in capsys.readouterr().err
+        main(["--parts", "unet,clip"])
+    assert "unknown part clip; choose from unet, vae, text" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--dtype", "half"])
     assert "unknown dtype half" in capsys.readouterr().err

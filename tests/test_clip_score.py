@@ -131,7 +131,7 @@ def test_score_of_a_video_folder_and_the_cli(reference, ours, tmp_path, capsys):
     from_path = clip_score(tmp_path / "edit", PROMPTS[1], model=ours)
     np.testing.assert_allclose(from_path.per_frame, direct.per_frame, atol=1e-6)
 
-    assert main(["--video", str(tmp_path / "edit"), "--prompt", PROMPTS[1], "--model", str(folder)]) == 0
+    assert main(["--video", str(tmp_path / "edit"), "--prompt", PROMPTS[1], "--clip-model", str(folder)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("mean clip score: ") and float(last.split()[3]) == pytest.approx(direct.mean, abs=1e-4)
 
@@ -216,7 +216,7 @@ def test_unavailable_hub_id_says_what_to_provide(capsys):
 
 def test_cli_skips_with_exit_code_0_when_unavailable(tmp_path, capsys):
     write_png_frames(tmp_path / "edit", random_frames(n=2, h=32, w=32))
-    assert main(["--video", str(tmp_path / "edit"), "--prompt", "a wolf", "--model", "someone/not-cached-clip"]) == 0
+    assert main(["--video", str(tmp_path / "edit"), "--prompt", "a wolf", "--clip-model", "someone/not-cached-clip"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("CLIP score skipped: ")
 
 

@@ -13,7 +13,9 @@ import torch
 from fixtures_sd import isolate_hub_cache
 from tokenflow.media.sample_clip import make_sample_clip
 from tools.clip_model import CLIP_MEAN, CLIP_STD
-from tools.table1 import CSV_COLUMNS, METHODS, MODES, Pair, main, parse_pair, read_pairs_file, source_frames
+from tools import table1 as table1_module
+from tools.table1 import (CSV_COLUMNS, METHODS, MODES, RANDOM_WEIGHTS_NOTE, Pair, main, parse_pair, read_pairs_file,
+                          source_frames)
 
 TINY = ["--model", "tiny", "--size", "64", "--steps", "2", "inversion.steps=4"]
 
@@ -118,21 +120,44 @@ def test_bad_input_is_refused_before_running(tmp_path, clips, capsys):
     assert "unknown methods ['magic']" in capsys.readouterr().err
 
 
-def test_a_failing_pair_is_a_row_with_its_error_and_the_table_is_still_written(tmp_path, clips, capsys):
-    not_a_video = tmp_path / "notes.mp4"
-    not_a_video.write_text("not a video")
+def test_a_failing_pair_is_a_row_with_its_error_and_the_table_is_still_written(tmp_path, clips, capsys, monkeypatch):
+    real_run_one = table1_module.run_one
+
+    def run_one(cfg, run_dir, **kwargs):  # pair 0's runs fail as a run fails mid-way (out of memory, ...)
+        if "pair00" in str(run_dir):
+            return "RuntimeError: injected failure of pair 0"
+        return real_run_one(cfg, run_dir, **kwargs)
+
+    monkeypatch.setattr(table1_module, "run_one", run_one)
     out = tmp_path / "table"
-    code = main(["--pairs", f"{not_a_video}::x", "--pairs", f"{clips[0]}::a watercolor painting", "--out-dir", str(out),
+    code = main(["--pairs", f"{clips[1]}::x", "--pairs", f"{clips[0]}::a watercolor painting", "--out-dir", str(out),
                  "--in-process", "--no-clip", "--methods", "reconstruction,per_frame", *TINY,
                  f"inversion.cache_dir={tmp_path / 'cache'}"])
     assert code == 1  # some cells failed; the rest is scored
     _, rows = read_csv(out / "table1.csv")
     per_pair = {(r["pair"], r["method"]): r for r in rows if r["pair"] != "all"}
-    assert "notes.mp4" in per_pair["0", "per_frame"]["error"] and per_pair["0", "per_frame"]["warp_error_x1e-3"] == "n/a"
+    assert "injected" in per_pair["0", "per_frame"]["error"] and per_pair["0", "per_frame"]["warp_error_x1e-3"] == "n/a"
     assert not per_pair["1", "per_frame"]["error"] and float(per_pair["1", "per_frame"]["warp_error_x1e-3"]) >= 0
     means = {r["method"]: r for r in rows if r["pair"] == "all"}
     assert means["per_frame"]["pairs"] == "1" and "1 of 2 pairs failed" in means["per_frame"]["error"]
     assert "failed" in capsys.readouterr().err
+    assert RANDOM_WEIGHTS_NOTE in (out / "table1.md").read_text()  # the tiny model's numbers say what they are
+
+
+def test_a_missing_or_unreadable_clip_is_refused_before_any_run(tmp_path, clips, capsys, monkeypatch):
+    def no_runs(*args, **kwargs):
+        raise AssertionError("a run started although an input was bad")
+
+    monkeypatch.setattr(table1_module, "run_one", no_runs)
+    not_a_video = tmp_path / "notes.mp4"
+    not_a_video.write_text("not a video")
+    out = tmp_path / "table"
+    code = main(["--pairs", f"{clips[0]}::a watercolor painting", "--pairs", f"{tmp_path / 'missing.mp4'}::x",
+                 "--pairs", f"{not_a_video}::y", "--out-dir", str(out), "--no-clip", *TINY])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nothing was run" in err and "pair 1" in err and "missing.mp4" in err and "pair 2" in err and "notes.mp4" in err
+    assert not any(out.glob("pair*"))
 
 
 def test_pairs_parsing(tmp_path):

@@ -1,10 +1,11 @@
 """Benchmarks: our hand-written UNet, VAE and text encoder against diffusers/transformers, and the
 end-to-end seconds per frame of an edit with the tiny model.
 
-    python -m tools.bench --models unet --config full --repeats 3 --threads 2
-    python -m tools.bench --models vae --latent 32          # VAE decode of 32x32 latents, encode of 256x256 images
-    python -m tools.bench --models unet,vae,text --dtype float32,bfloat16 --markdown bench.md
-    python -m tools.bench --models none --e2e               # only the end-to-end timing
+    python -m tools.bench --parts unet --model sd21_base --repeats 3 --threads 2
+    python -m tools.bench --parts vae --latent 32           # VAE decode of 32x32 latents, encode of 256x256 images
+    python -m tools.bench --parts unet,vae,text --dtype float32,bfloat16 --markdown bench.md
+    python -m tools.bench --parts none --e2e                # only the end-to-end timing (tiny model)
+    python -m tools.bench --model tiny --parts text --repeats 1 --no-memory   # seconds, no weights, at the test sizes
 
 What is compared, and how (so a ratio means "same work, different code"):
 - The reference is built at the IDENTICAL config (diffusers UNet2DConditionModel with SD-2.1's blocks,
@@ -66,6 +67,7 @@ from vae.model import VAE, VAEConfig
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("unet", "vae", "text")
 CONFIGS = ("full", "tiny")
+MODEL_CONFIGS = {"sd21_base": "full", "tiny": "tiny"}  # --model NAME (conf/model names) -> the configs benchmarked
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TIMESTEP = 981  # the first of SD's 50 sampling steps; any value costs the same
 INSTALL_HINT = "pip install 'diffusers>=0.30' 'transformers>=4.40'  (or: pip install -e '.[test]')"
@@ -543,10 +545,11 @@ def _list(text: str, allowed, what: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="unet,vae,text",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--parts", default="unet,vae,text",
                    help="comma list of unet, vae, text; 'none' for only --e2e (default: all three)")
-    p.add_argument("--config", choices=CONFIGS, default="full", help="full: SD-2.1's sizes; tiny: the test sizes")
+    p.add_argument("--model", choices=MODEL_CONFIGS, default="sd21_base",
+                   help="sd21_base: SD-2.1's sizes (default); tiny: the tiny model's (random weights either way)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="float32", help="comma list of float32, float16, bfloat16 (one set of rows each)")
     p.add_argument("--batch", type=int, default=1)
@@ -570,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        models = [] if args.models.strip() == "none" else _list(args.models, MODELS, "model")
+        models = [] if args.parts.strip() == "none" else _list(args.parts, MODELS, "part")
         dtypes = _list(args.dtype, DTYPES, "dtype")
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
@@ -591,8 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for model in models:
         for dtype in dtypes:
-            print(f"[bench] {model} {args.config} {dtype} on {args.device} ...", file=sys.stderr, flush=True)
-            rows += bench_model(model, args.config, dtype, args.device, args.batch, args.latent, args.repeats,
+            print(f"[bench] {model} {args.model} {dtype} on {args.device} ...", file=sys.stderr, flush=True)
+            rows += bench_model(model, MODEL_CONFIGS[args.model], dtype, args.device, args.batch, args.latent, args.repeats,
                                 args.warmup, memory=not args.no_memory, seed=args.seed)
     e2e = None
     if args.e2e:

@@ -1,7 +1,8 @@
-"""Full-size check: a diffusers folder of SD-2.1's real configs with random weights, loaded by
-`tokenflow.load_models`, compared with diffusers' UNet; and the peak memory of loading the UNet.
+"""Full-size check: diffusers folders of SD-2.1-base's and SD-1.5's real configs with random weights
+(and, for SD-1.5, the same weights as one ldm file), loaded by `tokenflow.load_models`, compared with
+diffusers' UNet and transformers' text encoder; and the peak memory of loading the UNet.
 
-    python -m tools.check_full_size [--dir /tmp/sd21-random] [--keep]
+    python -m tools.check_full_size [--models sd21_base sd15] [--dir /tmp/sd21-random] [--sd15-dir /tmp/sd15-random] [--keep]
 
 Writes the folder with diffusers/transformers (random weights, ~3.5 GB in fp32 for the UNet), then in
 fresh subprocesses: (1) loads the UNet alone with our loader and reports the peak RSS increase
@@ -12,8 +13,11 @@ of a copy-on-write memory map of the file, not a copy: the float32 run's weights
 page cache (in all RSS, not in anonymous memory) as they are paged in; the float16 run casts each
 float32 tensor as it is read, so its weights are new anonymous memory, one tensor converted at a
 time. (2) loads everything with `load_models` and compares one UNet
-forward at 64x64 latents with diffusers' (max abs difference). Needs diffusers and transformers
-(the test extras); the product never imports them.
+forward at 64x64 latents with diffusers' and the text features of two prompts with transformers'
+(max abs differences). SD-1.5's ldm file (v1-5-pruned-emaonly layout: cond_stage_model.transformer.*,
+position_ids included) is written from the folder's tensors by the test-only writers in tests/
+(tests/ldm_writer_*.py), and compared with diffusers' UNet read from the folder. Needs diffusers and
+transformers (the test extras); the product never imports them.
 """
 
 from __future__ import annotations
@@ -60,17 +64,25 @@ COMPARE = r"""
 import json, sys, torch
 import tokenflow
 from diffusers import UNet2DConditionModel
-root = sys.argv[1]
-models = tokenflow.load_models(root)
+from transformers import CLIPTextModel
+source, root = sys.argv[1], sys.argv[2]  # what load_models reads; the diffusers folder of the same weights
+models = tokenflow.load_models(source)
+kind, width = models.config.kind, models.unet.config.cross_attention_dim
 torch.manual_seed(0)
-x, ctx = torch.randn(1, 4, 64, 64), torch.randn(1, 77, 1024)
+x, ctx = torch.randn(1, 4, 64, 64), torch.randn(1, 77, width)
+ids = models.tokenizer(["a marble sculpture of a wolf, 8k", "a woman running"])
 with torch.no_grad():
-    ours = models.unet(x, 981, ctx)
+    ours, ours_text = models.unet(x, 981, ctx), models.text_encoder(ids)
 del models
 ref = UNet2DConditionModel.from_pretrained(root, subfolder="unet").eval()
 with torch.no_grad():
     want = ref(x, 981, ctx).sample
-print(json.dumps({"unet_max_abs_diff": (ours - want).abs().max().item(), "output_abs_mean": want.abs().mean().item()}))
+del ref
+text = CLIPTextModel.from_pretrained(root, subfolder="text_encoder").eval()
+with torch.no_grad():
+    want_text = text(input_ids=ids).last_hidden_state
+print(json.dumps({"kind": kind, "unet_max_abs_diff": (ours - want).abs().max().item(), "output_abs_mean": want.abs().mean().item(),
+                  "text_max_abs_diff": (ours_text - want_text).abs().max().item()}))
 """
 
 
@@ -103,35 +115,111 @@ def write_random_sd21(root: Path) -> Path:
     return root
 
 
+def write_random_sd15(root: Path) -> Path:
+    """SD-1.5's published configs (sd15-and-released-code.md): 8 heads everywhere (attention_head_dim: 8),
+    conv proj_in/proj_out (use_linear_projection absent, i.e. false), 768-wide OpenAI CLIP ViT-L/14 text
+    tower with quick_gelu, and its PNDM scheduler config without prediction_type (epsilon)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+        layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).save_pretrained(root / "unet")
+    AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+    ).save_pretrained(root / "vae")
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, num_attention_heads=12, num_hidden_layers=12, intermediate_size=3072,
+        hidden_act="quick_gelu", max_position_embeddings=77, projection_dim=768,
+    )).save_pretrained(root / "text_encoder")
+    PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+    ).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+def write_sd15_ldm_file(root: Path, path: Path) -> Path:
+    """The folder's tensors as one SD-1.5 ldm file, by the test-only writers (tests/ldm_writer_*.py)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from ldm_writer_text import transformers_text_to_ldm_sd1
+    from ldm_writer_unet import diffusers_unet_to_ldm
+    from ldm_writer_vae import diffusers_vae_to_ldm
+
+    state = diffusers_unet_to_ldm(load_file(root / "unet" / "diffusion_pytorch_model.safetensors"), 4, 2, (True, True, True, False))
+    vae = diffusers_vae_to_ldm(load_file(root / "vae" / "diffusion_pytorch_model.safetensors"))
+    state.update({f"first_stage_model.{k}": v for k, v in vae.items()})
+    text = {(k if k.startswith("text_model.") else f"text_model.{k}"): v
+            for k, v in load_file(root / "text_encoder" / "model.safetensors").items()}
+    text["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # as v1-5-pruned-emaonly holds it
+    state.update(transformers_text_to_ldm_sd1(text))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
+
+
+def report_compare(label: str, source: Path, root: Path) -> bool:
+    cmp = run(COMPARE, source, root)
+    print(f"{label}: load_models({source}) [kind {cmp['kind']}] vs diffusers UNet at 64x64 latents: max abs diff "
+          f"{cmp['unet_max_abs_diff']:.2e} (output mean |x| {cmp['output_abs_mean']:.3f}); text vs transformers "
+          f"CLIPTextModel: {cmp['text_max_abs_diff']:.2e}", flush=True)
+    return cmp["unet_max_abs_diff"] <= 1e-4 and cmp["text_max_abs_diff"] <= 1e-4
+
+
+def report_memory(root: Path) -> None:
+    for dtype in ("float32", "float16"):
+        load = run(LOAD_UNET, root, dtype)
+        print(f"UNet {dtype}: {load['params']:,} parameters, weights {load['weights_mb']:.0f} MB; peak while loading "
+              f"(every weight touched): anonymous memory +{load['anon_peak_increase_mb']:.0f} MB "
+              f"({load['anon_peak_increase_mb'] / load['weights_mb']:.2f}x the weights), all RSS incl. the "
+              f"memory-mapped file +{load['rss_peak_increase_mb']:.0f} MB", flush=True)
+
+
 def run(code: str, *args) -> dict:
     out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", type=Path, default=None, help="where to write the random folder (default: a temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the folder afterwards")
+    p = argparse.ArgumentParser(prog="python -m tools.check_full_size", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--models", nargs="+", choices=("sd21_base", "sd15"), default=["sd21_base", "sd15"],
+                   help="which random full-size models to write and check (default: both)")
+    p.add_argument("--dir", type=Path, default=None, help="where to write the random SD-2.1-base folder (default: a temp dir)")
+    p.add_argument("--sd15-dir", type=Path, default=None,
+                   help="where to write the random SD-1.5 folder, its ldm file under ldm/ (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the folders afterwards")
     args = p.parse_args(argv)
-    root = args.dir or Path(tempfile.mkdtemp(prefix="sd21-random-"))
-    try:
-        if not (root / "unet" / "config.json").is_file():
-            print(f"writing a random full-size SD-2.1 diffusers folder to {root} ...", flush=True)
-            write_random_sd21(root)
-        for dtype in ("float32", "float16"):
-            load = run(LOAD_UNET, root, dtype)
-            print(f"UNet {dtype}: {load['params']:,} parameters, weights {load['weights_mb']:.0f} MB; peak while loading "
-                  f"(every weight touched): anonymous memory +{load['anon_peak_increase_mb']:.0f} MB "
-                  f"({load['anon_peak_increase_mb'] / load['weights_mb']:.2f}x the weights), all RSS incl. the "
-                  f"memory-mapped file +{load['rss_peak_increase_mb']:.0f} MB")
-        cmp = run(COMPARE, root)
-        print(f"load_models({root}) UNet vs diffusers at 64x64 latents: max abs diff {cmp['unet_max_abs_diff']:.2e} "
-              f"(output mean |x| {cmp['output_abs_mean']:.3f})")
-        return 0 if cmp["unet_max_abs_diff"] <= 1e-4 else 1
-    finally:
-        if not args.keep and args.dir is None:
-            shutil.rmtree(root, ignore_errors=True)
-            print(f"removed {root}")
+    ok = True
+    for model in args.models:
+        given = args.dir if model == "sd21_base" else args.sd15_dir
+        root = given or Path(tempfile.mkdtemp(prefix=f"{model}-random-"))
+        try:
+            if not (root / "unet" / "config.json").is_file():
+                print(f"writing a random full-size {model} diffusers folder to {root} ...", flush=True)
+                (write_random_sd21 if model == "sd21_base" else write_random_sd15)(root)
+            report_memory(root)
+            ok &= report_compare(f"{model} diffusers folder", root, root)
+            if model == "sd15":
+                ldm = root / "ldm" / "v1-5-pruned-emaonly.safetensors"
+                if not ldm.is_file():
+                    print(f"writing the same weights as one ldm file {ldm} ...", flush=True)
+                    write_sd15_ldm_file(root, ldm)
+                ok &= report_compare(f"{model} ldm file", ldm, root)
+        finally:
+            if not args.keep and given is None:
+                shutil.rmtree(root, ignore_errors=True)
+                print(f"removed {root}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ ClipUnavailable saying what to provide, `clip_score_or_none` and the CLI print
 "CLIP score skipped: ..." and carry on (CLI exit code 0, so an evaluation script is not stopped by a
 metric it cannot compute; bad input is exit code 2).
 
-    python -m tools.clip_score --video edited.mp4 --prompt "a red wolf" [--model PATH_OR_ID] [--device cpu]
+    python -m tools.clip_score --video edited.mp4 --prompt "a red wolf" [--clip-model PATH_OR_ID] [--device cpu]
 """
 
 from __future__ import annotations
@@ -149,17 +149,18 @@ def main(argv: list[str] | None = None) -> int:
                     "paper's Table 1 scale). Prints one line per frame, then the mean on the last line. "
                     "Exit code 0 also when the CLIP weights are unavailable (a 'CLIP score skipped: ...' line "
                     "says what to provide); 2 on bad input.",
+        allow_abbrev=False,
     )
     parser.add_argument("--video", required=True, help="edited video (file, or folder of png/jpg frames)")
     parser.add_argument("--prompt", required=True, help="the target prompt of the edit")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
+    parser.add_argument("--clip-model", default=DEFAULT_MODEL,
                         help=f"local transformers CLIPModel folder (safetensors) or hub id (default {DEFAULT_MODEL})")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--batch-size", type=int, default=16, help="frames per forward pass (default 16)")
     args = parser.parse_args(argv)
 
     try:
-        result = clip_score(args.video, args.prompt, model=args.model, device=args.device, batch_size=args.batch_size)
+        result = clip_score(args.video, args.prompt, model=args.clip_model, device=args.device, batch_size=args.batch_size)
     except ClipUnavailable as e:
         print(f"CLIP score skipped: {e}")
         return 0
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for i, s in enumerate(result.per_frame):
         print(f"frame {i:4d} clip score {s:.4f}")
-    print(f"mean clip score: {result.mean:.4f} ({len(result.per_frame)} frames, {args.model})")
+    print(f"mean clip score: {result.mean:.4f} ({len(result.per_frame)} frames, {args.clip_model})")
     return 0
 
 

@@ -18,10 +18,10 @@ from .run_config import add_run_flags, compose_config, flag_overrides, quote
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tools.figures", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.figures", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="figure", required=True)
 
-    pca = sub.add_parser("pca", help="Fig. 2: PCA of self-attention output tokens (original, per-frame edit, TokenFlow)",
+    pca = sub.add_parser("pca", allow_abbrev=False, help="Fig. 2: PCA of self-attention output tokens (original, per-frame edit, TokenFlow)",
                          description="Fig. 2: PCA (first three components as RGB, fitted on the original video's tokens) "
                                      "of self-attention output tokens at one layer and step; rows: input, original, "
                                      "per-frame edit, TokenFlow; columns: frames.")
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     pca.add_argument("--out", default="fig2_feature_pca.png", help="PNG to write")
     add_run_flags(pca)
 
-    nn = sub.add_parser("nnfield", help="Fig. 3: NN-field reconstruction of a target frame from a source frame",
+    nn = sub.add_parser("nnfield", allow_abbrev=False, help="Fig. 3: NN-field reconstruction of a target frame from a source frame",
                         description="Fig. 3: the original video's features at one layer and step; each target token's "
                                     "nearest source token (cosine) reconstructs the target in feature space and in RGB. "
                                     "Panels: source, target, feature reconstruction, RGB warp, NN field.")

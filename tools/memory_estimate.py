@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -134,11 +134,26 @@ class Estimate:
     total_gib: float  # weights + latents + the highest of the peaks
 
 
-def _meta_models(dtype: torch.dtype):
+def _tiny_text() -> TextConfig:
+    return replace(TextConfig.tiny(), width=UNetConfig.tiny().cross_attention_dim)  # as tokenflow/models/tiny.py
+
+
+# --model NAME (the names of conf/model/*.yaml) -> the architecture's configs and its native short side
+MODELS = {
+    "sd21_base": (UNetConfig.sd21_base, VAEConfig.sd21, TextConfig.sd21, 512),
+    "sd21": (UNetConfig.sd21, VAEConfig.sd21, TextConfig.sd21, 768),
+    "tiny": (UNetConfig.tiny, VAEConfig.tiny, _tiny_text, 128),
+}
+
+
+def _meta_models(dtype: torch.dtype, model: str = "sd21_base"):
+    if model not in MODELS:
+        raise ValueError(f"memory_estimate: model must be one of {', '.join(MODELS)}, got {model!r}")
+    unet_cfg, vae_cfg, text_cfg, _ = MODELS[model]
     with torch.device("meta"):
-        unet = UNet(UNetConfig.sd21_base()).to(dtype).requires_grad_(False)
-        vae = VAE(VAEConfig.sd21()).to(dtype).requires_grad_(False)
-        text = TextEncoder(TextConfig.sd21()).to(dtype).requires_grad_(False)
+        unet = UNet(unet_cfg()).to(dtype).requires_grad_(False)
+        vae = VAE(vae_cfg()).to(dtype).requires_grad_(False)
+        text = TextEncoder(text_cfg()).to(dtype).requires_grad_(False)
     return unet, vae, text
 
 
@@ -149,6 +164,7 @@ def _bytes(tensors) -> int:
 def estimate(
     frames: int, size: int = 512, dtype: str = "float16", mode: str = "tokenflow", keyframe_interval: int = 8,
     batch_size: int = 8, inversion_batch_size: int = 8, ff_chunk: int | None = 16384, seed: int = 0,
+    model: str = "sd21_base",
 ) -> Estimate:
     """Peak device memory of one step of the edit (the loop's largest) for `frames` frames of
     size x size pixels; PnP injection on (the first steps', which hold the most)."""
@@ -157,7 +173,7 @@ def estimate(
     if dtype not in DTYPES:
         raise ValueError(f"memory_estimate: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
-    unet, vae, text = _meta_models(torch_dtype)
+    unet, vae, text = _meta_models(torch_dtype, model)
     unet.set_feed_forward_chunk(ff_chunk)
     weights = _bytes([p for m in (unet, vae, text) for p in m.parameters()])
 
@@ -253,9 +269,12 @@ def _chunk(text: str) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.memory_estimate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--model", choices=MODELS, default="sd21_base",
+                   help="the architecture, by its conf/model name (default sd21_base; tiny: the random test model)")
     p.add_argument("--frames", type=_ints, default=[40, 120, 450, 1000], help="comma list of frame counts")
-    p.add_argument("--size", type=int, default=512, help="frame side in pixels (a multiple of 64)")
+    p.add_argument("--size", type=int, default=None,
+                   help="frame side in pixels, a multiple of 64 (default: the model's native size, 512 for sd21_base)")
     p.add_argument("--dtype", choices=DTYPES, default="float16")
     p.add_argument("--mode", choices=MODES, default="tokenflow")
     p.add_argument("--keyframe-interval", type=int, default=8)
@@ -267,12 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overhead-gib", type=float, default=1.5)
     p.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
     args = p.parse_args(argv)
+    size = MODELS[args.model][3] if args.size is None else args.size
     rows = []
     for n in args.frames:
         print(f"[memory_estimate] {n} frames ...", file=sys.stderr, flush=True)
         try:
-            rows.append(estimate(n, args.size, args.dtype, args.mode, args.keyframe_interval, args.batch_size,
-                                 args.inversion_batch_size, args.ff_chunk))
+            rows.append(estimate(n, size, args.dtype, args.mode, args.keyframe_interval, args.batch_size,
+                                 args.inversion_batch_size, args.ff_chunk, model=args.model))
         except ValueError as e:
             p.error(str(e))
     report = markdown(rows, args.budget_gib, args.overhead_gib)

@@ -33,12 +33,21 @@ def quote(value: str) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _size(text: str) -> int | str:
+    if text == "full":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a short side in pixels or full, got {text!r}")
+    return int(text)
+
+
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """The flags shared by every tool that runs the pipeline, plus free Hydra overrides."""
     parser.add_argument("--model", default=None,
                         help=f"a model config ({', '.join(model_groups())}) or a weights source "
                              "(hub id, diffusers folder, ldm .safetensors); default: the config's (sd21_base)")
-    parser.add_argument("--size", type=int, default=None, help="short side in pixels (override size=)")
+    parser.add_argument("--size", type=_size, default=None,
+                        help="short side in pixels, or full: the input's size (override size=; default: the model's native size)")
     parser.add_argument("--steps", type=int, default=None, help="DDIM sampling steps (override steps=)")
     parser.add_argument("--max-frames", type=int, default=None, help="at most this many frames (override frames.max=)")
     parser.add_argument("overrides", nargs="*", default=[],
@@ -59,7 +68,10 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     for o in args.overrides:
         if "=" not in o:
             raise ValueError(f"override {o!r} is not key=value (e.g. steps=10)")
-    return out + list(args.overrides)
+    # as the tokenflow command reads them: prompts taken literally, <key>_file= read, unknown keys refused
+    from tokenflow.cli import prepare_argv
+
+    return out + prepare_argv(list(args.overrides))
 
 
 def compose_config(overrides: list[str]) -> dict:

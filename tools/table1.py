@@ -248,8 +248,10 @@ def table1(
         raise ValueError(f"unknown methods {unknown}; Table 1 has {list(MODES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # every config is composed before anything runs: a bad override fails in a second, not after an hour
+    # every config is composed and every video opened before anything runs: a bad override or a
+    # missing clip fails in a second, not after an hour of the other pairs' runs
     configs = {(i, mode): run_config(pair, mode, list(overrides)) for i, pair in enumerate(pairs) for mode in modes}
+    check_inputs(pairs, [configs[i, modes[0]] for i in range(len(pairs))])
     clip = ClipScorer(clip_model, device=pick_device(configs[0, modes[0]]["device"]))
     labels = {m[0]: m[1] for m in METHODS}
     rows = []
@@ -273,7 +275,8 @@ def table1(
                 print(f"[table1] {mode} on pair {i} failed: {row.error}", file=sys.stderr)
             rows.append(row)
     means = mean_rows(rows, len(pairs))
-    md = write_markdown(out_dir / "table1.md", means, pairs, list(overrides), flow)
+    random = any(cfg["model"]["source"] == "tiny" for cfg in configs.values())
+    md = write_markdown(out_dir / "table1.md", means, pairs, list(overrides), flow, random_weights=random)
     table = write_csv(out_dir / "table1.csv", means + rows)
     return Table1(means=means, rows=rows, markdown=md, csv=table)
 
@@ -300,7 +303,32 @@ def markdown_table(means: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, means: list[Row], pairs: list[Pair], overrides: list[str], flow: str) -> Path:
+RANDOM_WEIGHTS_NOTE = ("Random weights (model=tiny): every edit is noise, so these numbers only show that the "
+                       "measurements run; they say nothing about TokenFlow and are not comparable with the paper's columns.")
+
+
+def check_inputs(pairs: list[Pair], configs: list[dict]) -> None:
+    """Refuse, before any run, pairs whose prompt is empty or whose video cannot be opened with its
+    frame selection (all of them named at once)."""
+    from tokenflow.media import read_video
+
+    problems = []
+    for i, (pair, cfg) in enumerate(zip(pairs, configs)):
+        if not pair.prompt.strip():
+            problems.append(f"pair {i} ({pair.video}): the prompt is empty")
+        if pair.video == "sample":
+            continue
+        sel = cfg["frames"]
+        try:
+            read_video(pair.video, start=sel["start"], end=sel["end"], stride=sel["stride"], max_frames=1)
+        except (ValueError, OSError) as e:
+            problems.append(f"pair {i}: {type(e).__name__}: {e}")
+    if problems:
+        raise ValueError("nothing was run; " + "; ".join(problems))
+
+
+def write_markdown(path: Path, means: list[Row], pairs: list[Pair], overrides: list[str], flow: str,
+                   random_weights: bool = False) -> Path:
     kinds = sorted({r.memory_kind for r in means if r.memory_kind})
     text = [
         "# Table 1: temporal consistency and edit fidelity",
@@ -314,6 +342,8 @@ def write_markdown(path: Path, means: list[Row], pairs: list[Pair], overrides: l
         "cached inversion: the first edit run's s/frame (total) includes computing it, the others reload it, so "
         "compare methods on s/frame (editing).",
     ]
+    if random_weights:
+        text += ["", f"**{RANDOM_WEIGHTS_NOTE}**"]
     for r in means:
         if r.error:
             text.append(f"- {r.label}: {r.error} (see table1.csv)")
@@ -346,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         description="The paper's Table 1 for this implementation: LDM reconstruction, per-frame PnP, TokenFlow "
                     "without propagation, with fixed keyframes, and TokenFlow, on each VIDEO::PROMPT pair; warp "
                     "error, CLIP score, seconds per frame and peak memory. Writes table1.md and table1.csv.",
+        allow_abbrev=False,
     )
     parser.add_argument("--pairs", action="append", default=[], metavar="VIDEO::PROMPT",
                         help='a video (file, image folder or "sample") and its edit prompt; repeat for more pairs')
@@ -372,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown_table(result.means))
+    if RANDOM_WEIGHTS_NOTE in result.markdown.read_text():
+        print(f"\nnote: {RANDOM_WEIGHTS_NOTE}")
     print(f"wrote {result.markdown}")
     print(f"wrote {result.csv}")
     failed = [r for r in result.rows if r.error]

@@ -198,15 +198,71 @@ def _read_frames(path: str, max_frames: int | None) -> np.ndarray:
     return read_video(path, max_frames=max_frames).frames.numpy()
 
 
+def source_like_edit(path: str, edited: np.ndarray, max_frames: int | None) -> tuple[np.ndarray, list[str]]:
+    """The source frames at the edit's size: an edit made at another size (a run's `size=`) is
+    compared with the source resized to cover it and centre-cropped, as the pipeline fits a video."""
+    from tokenflow.media import fit_to_size, read_video
+
+    video = read_video(path, max_frames=max_frames)
+    h, w = edited.shape[1:3]
+    if (video.height, video.width) == (h, w):
+        return video.frames.numpy(), []
+    fitted = fit_to_size(video, (h, w), multiple=1)
+    note = (f"the source is {video.width}x{video.height} and the edit {w}x{h}: measured against the source resized "
+            f"and centre-cropped to {w}x{h} ({'; '.join(fitted.notes[len(video.notes):])}); "
+            f"--run RUN_DIR measures against the exact frames a run read")
+    return fitted.frames.numpy(), [note]
+
+
+def run_frames(run_dir: Path, max_frames: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(source, edited, notes) of a `tokenflow` run folder: the source exactly as the run read it
+    (its config.yaml's video, frame selection and size, through the pipeline's own loader) and the
+    edit it wrote (frames/ when output.png_frames=true, lossless; else edited.mp4)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from tokenflow.media import read_video
+    from tokenflow.pipeline import load_video
+
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "run.json"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir}: no {name} here; --run takes the folder of a finished tokenflow run "
+                                    f"(outputs/DATE/TIME, with config.yaml, edited.mp4 and run.json)")
+    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    facts = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    video = load_video(cfg)
+    if list(video.indices) != facts["source_indices"] or [video.height, video.width] != facts["size"]:
+        raise ValueError(f"{run_dir}: {cfg['video']} now reads as frames {video.indices[:3]}... at {video.width}x{video.height}, "
+                         f"not the run's frames {facts['source_indices'][:3]}... at {facts['size'][1]}x{facts['size'][0]}: "
+                         f"the source changed since the run")
+    edited_path = run_dir / "frames" if (run_dir / "frames").is_dir() else run_dir / "edited.mp4"
+    source = video.frames.numpy()[:max_frames]
+    edited = read_video(edited_path, max_frames=max_frames).frames.numpy()
+    notes = [f"source: {video.path}, frames {video.indices[0]}..{video.indices[-1]} at {video.width}x{video.height} "
+             f"(as the run read it); edit: {edited_path}"]
+    if facts.get("model") == "tiny":
+        notes.append("this run used model=tiny (random weights): its output is noise and its warp error says nothing "
+                     "about TokenFlow")
+    return source, edited, notes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.warp_error",
         description="Warp error (Lai et al. 2018) of an edited video along the optical flow of its source "
                     "video, x1e-3 (the unit of the TokenFlow paper's Table 1). Prints one line per frame "
                     "pair, then the mean on the last line.",
+        allow_abbrev=False,
     )
-    parser.add_argument("--source", required=True, help="original video (file, or folder of images); flow is computed on it")
-    parser.add_argument("--edited", required=True, help="edited video, same frame count and size as the source")
+    parser.add_argument("--run", default=None, metavar="RUN_DIR",
+                        help="a tokenflow run folder: its edit against the source exactly as the run read it "
+                             "(instead of --source and --edited)")
+    parser.add_argument("--source", default=None, help="original video (file, or folder of images); flow is computed on it")
+    parser.add_argument("--edited", default=None,
+                        help="edited video with the source's frame count; at another size the source is resized and "
+                             "centre-cropped to it (as a run's size= does), and a line says so")
     parser.add_argument("--method", default="dis", choices=METHODS, help="optical flow: dis (OpenCV, default) or raft (needs torchvision + weights)")
     parser.add_argument("--raft-weights", default=None, help="RAFT-large weights (.safetensors) for --method raft")
     parser.add_argument("--max-frames", type=int, default=None, help="use only the first N frames of both videos")
@@ -219,10 +275,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_frames is not None and args.max_frames < 2:
         parser.error(f"--max-frames must be at least 2 (one pair), got {args.max_frames}")
+    if (args.run is None) == (args.source is None and args.edited is None):
+        parser.error("give either --run RUN_DIR, or --source and --edited")
+    if args.run is None and (args.source is None or args.edited is None):
+        parser.error("--source and --edited go together (or --run RUN_DIR alone)")
 
     try:
-        source = _read_frames(args.source, args.max_frames)
-        edited = _read_frames(args.edited, args.max_frames)
+        if args.run is not None:
+            source, edited, notes = run_frames(Path(args.run), args.max_frames)
+        else:
+            edited = _read_frames(args.edited, args.max_frames)
+            source, notes = source_like_edit(args.source, edited, args.max_frames)
+        for note in notes:
+            print(f"note: {note}")
         if args.flicker is not None:
             edited = flicker(edited, args.flicker, seed=args.seed)
         result = warp_error(source, edited, method=args.method, mask_out_of_frame=not args.keep_out_of_frame,
