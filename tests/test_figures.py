@@ -15,7 +15,7 @@ from tools.feature_capture import (
     HIGHEST_RES_DECODER_LAYER, edited_tokens, original_tokens, prepare_source, stop_before, token_grid,
 )
 from tools.feature_pca import fit_pca, pca_figure
-from tools.figure_layout import read_png, tile_grid
+from tools.figure_layout import read_png, tile_grid, write_png
 from tools.figures import main as figures_main
 from tools.nn_field_figure import PANELS, field_colour, nn_field_figure, nn_field_panels, panel_row, warp_rgb
 from tools.run_config import compose_config
@@ -152,6 +152,29 @@ def test_tile_grid_rejects_ragged_or_mismatched_tiles():
         tile_grid([[a, np.zeros((5, 4, 3), np.uint8)]])
     with pytest.raises(ValueError, match="1 row_labels for 2 rows"):
         tile_grid([[a], [a]], row_labels=["x"])
+
+
+def test_tile_grid_places_tiles_pixel_exact_and_draws_labels(tmp_path):
+    """matplotlib renders the grid: every tile comes back bit for bit (no resampling), from the
+    image and from the written PNG; the labels are ink in the margins; a long last label gets room."""
+    rng = np.random.default_rng(3)
+    tiles = [[rng.integers(0, 256, (37, 29, 3), dtype=np.uint8) for _ in range(3)] for _ in range(2)]
+    image, layout = tile_grid(tiles, row_labels=["input", "per-frame edit"], col_labels=["frame 0", "frame 1", "frame 1234567"])
+    assert image.shape == layout.shape and image.dtype == np.uint8
+    back = read_png(write_png(tmp_path / "grid.png", image))
+    assert np.array_equal(back, image)
+    for r in range(2):
+        for c in range(3):
+            assert np.array_equal(layout.tile(back, r, c), tiles[r][c])
+    top, left = layout.boxes[0][0]
+    assert top > 0 and left > 0
+    assert (image[:top, left:] < 128).any() and (image[top:, :left] < 128).any()  # column / row labels
+    assert (image[top:, :left] == 255).mean() > 0.5  # white paper around them
+    assert image.shape[1] > layout.boxes[0][2][1] + 29  # room for the long last label
+    with pytest.raises(ValueError, match="written as .png"):
+        write_png(tmp_path / "grid.jpg", image)
+    with pytest.raises(ValueError, match=r"uint8 \[H, W, 3\]"):
+        write_png(tmp_path / "grid.png", image.astype(np.float32))
 
 
 # -------------------------------------------------------------------------------------- NN field

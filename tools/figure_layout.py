@@ -1,9 +1,11 @@
 """Figure layout for the paper-figure tools: a grid of equally sized RGB tiles with text labels,
-written as a PNG through OpenCV (no plotting library).
+drawn with matplotlib (the one way the project draws) and written as a PNG.
 
-Images here are numpy uint8 [H, W, 3] RGB; OpenCV wants BGR, which `write_png` converts at the end.
-`tile_grid` returns the layout (where every tile sits) with the image, so tests and callers can read
-a tile back out of the written PNG exactly (PNG is lossless).
+The tiles are token maps and frames whose pixels ARE the result, so they are placed pixel for pixel
+(`Figure.figimage`, no resampling) on a figure exactly as large as the layout, and only the labels
+are matplotlib text. `tile_grid` returns the rendered image with the layout (where every tile
+sits), so tests and callers can read a tile back out of the written PNG exactly (PNG is lossless).
+Images here are numpy uint8 [H, W, 3] RGB.
 """
 
 from __future__ import annotations
@@ -11,16 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-FONT = cv2.FONT_HERSHEY_SIMPLEX
-FONT_SCALE = 0.5
-FONT_THICKNESS = 1
+FONT_SIZE = 11  # points; at DPI 100 a label line is about 15 px high
+DPI = 100  # pixels per inch of the rendered figure: figure size (inches) = pixels / DPI
 PAD = 6  # pixels around text
 GAP = 4  # pixels between tiles
 BACKGROUND = 255  # white paper
-INK = (0, 0, 0)
+INK = "black"
 
 
 @dataclass
@@ -36,16 +36,29 @@ class GridLayout:
         return image[top : top + self.tile_hw[0], left : left + self.tile_hw[1]]
 
 
+def _figure(width: int, height: int):
+    """A blank off-screen matplotlib figure of exactly width x height pixels, and its canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor=(BACKGROUND / 255,) * 3)
+    return fig, FigureCanvasAgg(fig)
+
+
 def text_size(text: str) -> tuple[int, int]:
     """(width, height) in pixels that `text` takes, padding included."""
-    (w, h), baseline = cv2.getTextSize(text, FONT, FONT_SCALE, FONT_THICKNESS)
-    return w + 2 * PAD, h + baseline + 2 * PAD
+    fig, canvas = _figure(100, 100)
+    extent = fig.text(0, 0, text, fontsize=FONT_SIZE).get_window_extent(canvas.get_renderer())
+    return int(np.ceil(extent.width)) + 2 * PAD, int(np.ceil(extent.height)) + 2 * PAD
 
 
-def put_text(image: np.ndarray, text: str, top: int, left: int) -> None:
-    """Draw `text` with its padded box's top-left corner at (top, left), in place."""
-    (_, h), _ = cv2.getTextSize(text, FONT, FONT_SCALE, FONT_THICKNESS)
-    cv2.putText(image, text, (left + PAD, top + PAD + h), FONT, FONT_SCALE, INK, FONT_THICKNESS, cv2.LINE_AA)
+def put_text(fig, text: str, top: int, left: int) -> None:
+    """Draw `text` with its padded box's top-left corner at pixel (top, left) of the figure."""
+    from matplotlib.transforms import IdentityTransform
+
+    height = fig.bbox.height  # display coordinates start at the bottom
+    fig.text(left + PAD, height - top - PAD, text, fontsize=FONT_SIZE, color=INK, va="top", ha="left",
+             transform=IdentityTransform())
 
 
 def upsample_nearest(image: np.ndarray, factor: int) -> np.ndarray:
@@ -77,38 +90,52 @@ def tile_grid(
     left0 = max((text_size(s)[0] for s in row_labels), default=0) if row_labels else 0
     top0 = max((text_size(s)[1] for s in col_labels), default=0) if col_labels else 0
     height = top0 + rows * h + (rows - 1) * GAP
-    width = left0 + cols * w + (cols - 1) * GAP
-    image = np.full((height, width, 3), BACKGROUND, dtype=np.uint8)
+    # a column label wider than its tile runs over the gap; the last one gets room at the right edge
+    overflow = max(0, text_size(col_labels[-1])[0] - w) if col_labels else 0
+    width = left0 + cols * w + (cols - 1) * GAP + overflow
+    fig, canvas = _figure(width, height)
     boxes = []
     for r in range(rows):
         top = top0 + r * (h + GAP)
         boxes.append([])
         for c in range(cols):
             left = left0 + c * (w + GAP)
-            image[top : top + h, left : left + w] = tiles[r][c]
+            # figimage: the tile's pixels as they are at a pixel offset (from the bottom-left corner)
+            fig.figimage(tiles[r][c], xo=left, yo=height - top - h, origin="upper", resize=False)
             boxes[r].append((top, left))
         if row_labels:
-            put_text(image, row_labels[r], top + max(0, (h - text_size(row_labels[r])[1]) // 2), 0)
+            put_text(fig, row_labels[r], top + max(0, (h - text_size(row_labels[r])[1]) // 2), 0)
     if col_labels:
         for c, label in enumerate(col_labels):
-            put_text(image, label, 0, left0 + c * (w + GAP))
+            put_text(fig, label, 0, left0 + c * (w + GAP))
+    canvas.draw()
+    image = np.asarray(canvas.buffer_rgba())[..., :3].copy()  # [height, width, 3] uint8
+    if image.shape[:2] != (height, width):
+        raise RuntimeError(f"tile_grid: matplotlib rendered {image.shape[1]}x{image.shape[0]} px, expected {width}x{height}")
     return image, GridLayout(rows=rows, cols=cols, tile_hw=(h, w), boxes=boxes, shape=image.shape)
 
 
 def write_png(path: Path | str, rgb: np.ndarray) -> Path:
-    """Write an RGB uint8 image as PNG (creating the folder); returns the absolute path."""
+    """Write an RGB uint8 image as PNG (creating the folder), pixel for pixel; returns the absolute path."""
+    from matplotlib.image import imsave
+
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: figures are written as .png")
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"{path}: write_png takes uint8 [H, W, 3] RGB, got {rgb.dtype} {rgb.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)):
-        raise OSError(f"{path}: OpenCV could not write the PNG")
+    imsave(path, np.ascontiguousarray(rgb), format="png")
     return path.resolve()
 
 
 def read_png(path: Path | str) -> np.ndarray:
     """A PNG written by write_png, back as RGB uint8."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
+    from matplotlib.image import imread
+
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"{path}: not a readable image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    image = imread(path)  # PNG: float32 in [0, 1], RGB or RGBA
+    return np.round(image[..., :3] * 255).astype(np.uint8)
