@@ -6,7 +6,7 @@ python -m pip install -q torch==2.13.0
 # --no-warn-conflicts: once open_clip_torch is installed --no-deps (below, or by the README's first
 # command), pip would end this step with "ERROR: ... open-clip-torch requires timm, torchvision": its
 # own dependencies, missing on purpose (see below), not a failure of this install.
-python -m pip install -q --no-warn-conflicts -e ".[test,cluster]"  # cluster: the launcher tests (joblib, submitit_local)
+python -m pip install -q --no-warn-conflicts -e ".[test,cluster,docs]"  # cluster: the launcher tests (joblib, submitit_local); docs: matplotlib, the notebook runner
 # open_clip_torch ships the real CLIP BPE vocabulary and OpenCLIP's reference tokenizer; --no-deps
 # because its dependencies (torchvision) have no CPU build here and the tests never import it.
 python -m pip install -q --no-deps open_clip_torch
