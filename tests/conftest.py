@@ -8,7 +8,8 @@ import torch
 # test-only helpers (ldm writers, fixtures) live beside the tests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # two cores: keep torch from oversubscribing them in the test process
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# (OMP_NUM_THREADS, when set, wins: several test runs sharing the cores are far faster at 1 thread each)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,0 +1,105 @@
+"""The project's denoising step (tokenflow.edit.denoise_step) against an independent oracle of
+Alg. 1 (tests/oracle_alg1.py), in every mode, editing technique and propagation rule.
+
+The clip: 11 frames, keyframe interval 3, keyframes [1, 4, 7, 9]: a frame before the first
+keyframe (0), after the last (10), frames nearer one side than the other, a last group shorter than
+the interval, and propagation batches of 4 that do not divide the clip.
+"""
+
+import pytest
+import torch
+
+from oracle_alg1 import OracleSettings, oracle_step
+from sampler.schedule import Schedule
+from tokenflow.edit import EditSettings, PromptEmbeddings, denoise_step
+from tokenflow.keyframes import fixed_keyframes
+from unet import UNet, UNetConfig
+
+pytestmark = pytest.mark.core
+
+N_FRAMES, INTERVAL, STEPS = 11, 3, 10
+KEYFRAMES = [1, 4, 7, 9]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny()).eval()
+    # a "video": one latent image drifting a little from frame to frame, so NN fields are not random
+    base = torch.randn(1, 4, 8, 8)
+    source = base + 0.3 * torch.randn(N_FRAMES, 4, 8, 8).cumsum(0) / N_FRAMES**0.5
+    latents = source + 0.5 * torch.randn(N_FRAMES, 4, 8, 8)  # the edit has moved away from the source
+    prompts = tuple(torch.randn(1, 77, 64) for _ in range(3))  # source, negative, target
+    return unet, source, latents, prompts
+
+
+def injected_layers(settings: EditSettings, step: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """PnP for step `step` of STEPS, from the method's definition: q/k during the first
+    qk_fraction of the steps, residual features during the first feature_fraction."""
+    if settings.method != "pnp":
+        return (), ()
+    qk = settings.pnp_qk_layers if step < int(STEPS * settings.pnp_qk_fraction) else ()
+    features = settings.pnp_feature_layers if step < int(STEPS * settings.pnp_feature_fraction) else ()
+    return qk, features
+
+
+CASES = [
+    # mode, method, rule, weighting, step, prediction type
+    ("tokenflow", "pnp", "paper", "sigmoid", 0, "epsilon"),  # q/k and residual injection
+    ("tokenflow", "pnp", "paper", "sigmoid", 6, "epsilon"),  # residual injection only
+    ("tokenflow", "pnp", "paper", "linear", 9, "epsilon"),  # no injection left
+    ("tokenflow", "sdedit", "paper", "sigmoid", 0, "epsilon"),
+    ("tokenflow", "pnp", "released", "sigmoid", 0, "epsilon"),
+    ("tokenflow", "sdedit", "released", "sigmoid", 3, "epsilon"),
+    ("fixed_keyframes", "pnp", "paper", "sigmoid", 0, "epsilon"),
+    ("per_frame", "pnp", "paper", "sigmoid", 0, "epsilon"),
+    ("per_frame", "sdedit", "paper", "sigmoid", 2, "epsilon"),
+    ("extended_all", "pnp", "paper", "sigmoid", 0, "epsilon"),
+    ("tokenflow", "pnp", "paper", "sigmoid", 0, "v_prediction"),
+]
+
+
+@pytest.mark.parametrize("mode,method,rule,weighting,step,prediction", CASES)
+def test_denoise_step_equals_the_oracle(clip, mode, method, rule, weighting, step, prediction):
+    unet, source, latents, prompts = clip
+    schedule = Schedule(prediction_type=prediction)
+    timesteps = schedule.timesteps(STEPS).tolist()
+    t = timesteps[step]
+    t_prev = timesteps[step + 1] if step + 1 < STEPS else -1
+    settings = EditSettings(mode=mode, method=method, propagation=rule, weighting=weighting,
+                            keyframe_interval=INTERVAL, batch_size=4, guidance_scale=7.5)
+    keyframes = {"tokenflow": KEYFRAMES, "fixed_keyframes": fixed_keyframes(N_FRAMES, INTERVAL)}.get(mode)
+    qk, features = injected_layers(settings, step)
+    oracle = OracleSettings(mode=mode, guidance_scale=7.5, weighting=weighting, rule=rule, interval=INTERVAL,
+                            qk_layers=qk, feature_layers=features)
+    with torch.no_grad():
+        want = oracle_step(unet, schedule, oracle, prompts, latents, source, t, t_prev, keyframes)
+        got = denoise_step(unet, schedule, settings, PromptEmbeddings(*prompts), latents, source, t, t_prev,
+                           settings.injection(step, STEPS), keyframes)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_the_oracle_tells_the_cases_apart(clip):
+    """The comparison above can only catch a bug if the cases differ by far more than 1e-5."""
+    unet, source, latents, prompts = clip
+    schedule = Schedule()
+    t, t_prev = schedule.timesteps(STEPS).tolist()[:2]
+    pnp = EditSettings().pnp_qk_layers, EditSettings().pnp_feature_layers
+
+    def run(**kw):
+        s = OracleSettings(**{"mode": "tokenflow", "interval": INTERVAL, **kw})
+        with torch.no_grad():
+            return oracle_step(unet, schedule, s, prompts, latents, source, t, t_prev, KEYFRAMES)
+
+    base = run(qk_layers=pnp[0], feature_layers=pnp[1])
+    variants = {
+        "no q/k injection": run(feature_layers=pnp[1]),
+        "no residual injection": run(qk_layers=pnp[0]),
+        "released rule": run(qk_layers=pnp[0], feature_layers=pnp[1], rule="released"),
+        "linear weights": run(qk_layers=pnp[0], feature_layers=pnp[1], weighting="linear"),
+        "guidance 1": run(qk_layers=pnp[0], feature_layers=pnp[1], guidance_scale=1.0),
+        "per frame": run(mode="per_frame", qk_layers=pnp[0], feature_layers=pnp[1]),
+    }
+    for name, other in variants.items():
+        assert (other - base).abs().max().item() > 1e-3, name
