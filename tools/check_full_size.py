@@ -2,7 +2,7 @@
 (and, for SD-1.5, the same weights as one ldm file), loaded by `tokenflow.load_models`, compared with
 diffusers' UNet and transformers' text encoder; and the peak memory of loading the UNet.
 
-    python -m tools.check_full_size [--models sd21_base sd15] [--dir /tmp/sd21-random] [--sd15-dir /tmp/sd15-random] [--keep]
+    python -m tools.check_full_size [--model sd21_base sd15] [--dir /tmp/sd21-random] [--sd15-dir /tmp/sd15-random] [--keep]
 
 Writes the folder with diffusers/transformers (random weights, ~3.5 GB in fp32 for the UNet), then in
 fresh subprocesses: (1) loads the UNet alone with our loader and reports the peak RSS increase
@@ -192,15 +192,15 @@ def run(code: str, *args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.check_full_size", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--models", nargs="+", choices=("sd21_base", "sd15"), default=["sd21_base", "sd15"],
-                   help="which random full-size models to write and check (default: both)")
+    p.add_argument("--model", nargs="+", choices=("sd21_base", "sd15"), default=["sd21_base", "sd15"],
+                   help="which random full-size models to write and check, by conf/model name (default: both)")
     p.add_argument("--dir", type=Path, default=None, help="where to write the random SD-2.1-base folder (default: a temp dir)")
     p.add_argument("--sd15-dir", type=Path, default=None,
                    help="where to write the random SD-1.5 folder, its ldm file under ldm/ (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the folders afterwards")
     args = p.parse_args(argv)
     ok = True
-    for model in args.models:
+    for model in args.model:
         given = args.dir if model == "sd21_base" else args.sd15_dir
         root = given or Path(tempfile.mkdtemp(prefix=f"{model}-random-"))
         try:
