@@ -150,13 +150,14 @@ def blend_weights(nb, row: int, keyframes: list[int]) -> dict[int, float]:
     return {k: w for k, w in weights.items() if w != 0.0}
 
 
-def test_passes_receive_their_frames_prompts_and_neighbours():
+@pytest.mark.parametrize("reuse", [True, False])
+def test_passes_receive_their_frames_prompts_and_neighbours(reuse):
     schedule = Schedule()
     t, t_prev = schedule.timesteps(10).tolist()[:2]
     n, keyframes = 7, [1, 3, 6]
     latents = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 4, 2, 2) + 100  # frame i: 100 + i
     source = -latents  # source frame i: -(100 + i)
-    settings = EditSettings(mode="tokenflow", keyframe_interval=3, batch_size=3)
+    settings = EditSettings(mode="tokenflow", keyframe_interval=3, batch_size=3, reuse_keyframes=reuse)
     stub = BranchStub()
     prompts = stub_prompts()
     denoise_step(stub, schedule, settings, prompts, latents, source, t, t_prev, settings.injection(0, 10), keyframes)
@@ -166,8 +167,10 @@ def test_passes_receive_their_frames_prompts_and_neighbours():
     assert torch.equal(first["x"], torch.cat([source[keyframes], latents[keyframes], latents[keyframes]]))
     assert torch.equal(first["context"], torch.cat([p.expand(k, -1, -1) for p in (prompts.source, prompts.negative, prompts.target)]))
     assert first["t"] == t and first["control"].joint_frames == k and first["control"].record is not None
-    # propagation passes: every frame once, in batches of 3, each with its own frames' neighbours
-    assert [c["x"].shape[0] for c in rest] == [9, 9, 3]
+    # propagation passes: every frame once (the keyframes' steps come from the keyframe pass when
+    # reused), in batches of 3, each with its own frames' neighbours
+    propagated = [0, 2, 4, 5] if reuse else list(range(n))
+    assert [c["x"].shape[0] for c in rest] == [3 * len(b) for b in edit.batches(len(propagated), 3)]
     seen = []
     for call in rest:
         x = call["x"]
@@ -178,7 +181,7 @@ def test_passes_receive_their_frames_prompts_and_neighbours():
         for row, i in enumerate(frames):
             assert blend_weights(nb, row, keyframes) == {k: pytest.approx(w) for k, w in paper_pair(i, keyframes, "sigmoid")}
         seen += frames
-    assert seen == list(range(n))
+    assert seen == propagated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,3 +284,67 @@ def test_sdedit_start_shares_one_noise_map_at_the_strengths_timestep():
     assert 0.8 < noise[0].std().item() < 1.2  # unit-variance noise, not a scaled copy of the latents
     again, _ = edit_start(settings, schedule, ts, {}, clean)
     assert torch.equal(again, x_t)  # seeded
+
+
+# ---------------------------------------------------------------------------------------------
+# keyframe reuse (paper rule): the same latents from n instead of n + K frame forwards per step
+
+
+def test_keyframe_reuse_saves_forwards_and_changes_nothing():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny()).eval()
+    schedule = Schedule()
+    ts = schedule.timesteps(3).tolist()
+    n = 7
+    source = {t: torch.randn(n, 4, 8, 8) for t in ts}
+    prompts = PromptEmbeddings(*(torch.randn(1, 77, 64) for _ in range(3)))
+    out = {}
+    for reuse in (True, False):
+        settings = EditSettings(keyframe_interval=3, batch_size=4, reuse_keyframes=reuse)
+        out[reuse] = edit_video_latents(unet, schedule, settings, prompts, source, torch.randn(n, 4, 8, 8), ts)
+    (latents_reused, rec_reused), (latents_full, rec_full) = out[True], out[False]
+    assert rec_reused.keyframes == rec_full.keyframes
+    keyframes = sum(len(k) for k in rec_full.keyframes)
+    assert rec_full.unet_frame_forwards == 3 * n + keyframes
+    assert rec_reused.unet_frame_forwards == 3 * n
+    # equal to float rounding (other batch compositions): 1e-5 of the latents' scale (up to ~10 here)
+    assert (latents_reused - latents_full).abs().max().item() <= 1e-5 * latents_full.abs().max().item()
+    # the released rule blends two groups' keyframes even at a keyframe: nothing to reuse there
+    released = EditSettings(keyframe_interval=3, batch_size=4, propagation="released")
+    _, rec = edit_video_latents(unet, schedule, released, prompts, source, torch.randn(n, 4, 8, 8), ts)
+    assert rec.unet_frame_forwards == 3 * n + keyframes
+
+
+# ---------------------------------------------------------------------------------------------
+# small fixes: a clear error for a missing inverted timestep; no model call on an identity step
+
+
+def test_missing_inverted_timestep_is_a_clear_error():
+    schedule = Schedule()
+    ts = schedule.timesteps(5).tolist()
+    partial = {t: torch.randn(2, 4, 2, 2) for t in ts[1:]}  # the first timestep (PnP's start) is missing
+    for method in ("pnp", "sdedit"):
+        settings = EditSettings(method=method, mode="per_frame", sdedit_strength=1.0)
+        with pytest.raises(ValueError, match=rf"no inverted latents for timesteps \[{ts[0]}\]"):
+            edit_video_latents(None, schedule, settings, stub_prompts(), partial, torch.randn(2, 4, 2, 2), ts)
+
+
+def test_1000_step_inversion_spends_no_model_call_on_its_identity_first_step():
+    from sampler.ddim import invert, inversion_timesteps
+
+    schedule = Schedule()  # final_alpha_cumprod = alpha_0: the step x0 -> t = 0 moves nothing
+    calls = []
+
+    def model_fn(x, t):
+        calls.append(t)
+        return 0.1 * x
+
+    keep = schedule.timesteps(50).tolist()
+    x0 = torch.randn(1, 4, 2, 2)
+    kept = invert(model_fn, x0, schedule, 1000, keep)
+    grid = inversion_timesteps(schedule, 1000, keep)
+    assert grid[0] == 0 and len(calls) == len(grid) - 1 and 0 not in calls
+    assert set(kept) == set(keep)
+    calls.clear()
+    invert(model_fn, x0, schedule, 50, keep)  # a 50-step grid starts at t = 1: a real step, called
+    assert len(calls) == 50

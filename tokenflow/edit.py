@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from sampler.ddim import classifier_free_guidance, ddim_step, sdedit_start
+from sampler.ddim import classifier_free_guidance, ddim_step, sdedit_start, state_dtype
 from sampler.schedule import Schedule
 from unet.model import UNet
 
@@ -52,6 +52,7 @@ class EditSettings:
     keyframe_interval: int = 8
     weighting: str = "sigmoid"  # Eq. 7 as printed; "linear": w = d- / (d+ + d-)
     propagation: str = "paper"  # which keyframes a frame blends: "paper" (Eq. 6-7) or "released" (authors' code)
+    reuse_keyframes: bool = True  # paper rule: a keyframe's step comes from the keyframe pass (see denoise_step)
     batch_size: int = 8  # frames per forward in the propagation / per-frame passes
     seed: int = 0
     pnp_qk_fraction: float = 0.5  # q/k injection for the first 50% of steps
@@ -105,6 +106,14 @@ class PromptEmbeddings:
 class EditRecord:
     keyframes: list[list[int]] = field(default_factory=list)  # per step
     timesteps: list[int] = field(default_factory=list)
+    unet_frame_forwards: int = 0  # frames through the UNet (each with its 3 branches), all steps
+
+
+def require_inverted(source_latents: dict[int, Tensor], timesteps: list[int]) -> None:
+    """Every sampling timestep needs the original video's inverted latents (the source branch)."""
+    missing = [t for t in timesteps if t not in source_latents]
+    if missing:
+        raise ValueError(f"edit: no inverted latents for timesteps {missing[:5]} (invert with these sampling timesteps kept)")
 
 
 def edit_start(
@@ -114,11 +123,14 @@ def edit_start(
     """Where sampling starts. PnP: the inverted latents x_T of the original video (all steps).
     SDEdit: the clean latents noised to the strength's timestep, one noise map shared by every
     frame (seeded), so the frames start alike; the remaining steps follow."""
+    dtype = state_dtype(clean_latents.dtype)  # the DDIM state is float32 whatever the model's dtype
     if settings.method == "pnp":
-        return source_latents[timesteps[0]].to(clean_latents, copy=True), list(timesteps)
+        require_inverted(source_latents, timesteps)  # before the lookup: a clear error, not a KeyError
+        return source_latents[timesteps[0]].to(clean_latents.device, dtype, copy=True), list(timesteps)
+    clean = clean_latents.to(dtype)
     g = torch.Generator().manual_seed(settings.seed + 1)
-    noise = torch.randn((1, *clean_latents.shape[1:]), generator=g).to(clean_latents)
-    x_t, remaining = sdedit_start(schedule, clean_latents, noise.expand_as(clean_latents), settings.sdedit_strength, timesteps)
+    noise = torch.randn((1, *clean.shape[1:]), generator=g).to(clean)
+    x_t, remaining = sdedit_start(schedule, clean, noise.expand_as(clean), settings.sdedit_strength, timesteps)
     return x_t, remaining.tolist()
 
 
@@ -127,10 +139,11 @@ def guided_output(
 ) -> Tensor:
     """One UNet forward over [source | unconditional | conditional] x F frames -> guided output [F, ...]."""
     f = edited.shape[0]
-    x = torch.cat([source, edited, edited])  # [3F, 4, h, w]
+    x = torch.cat([source, edited, edited]).to(unet.conv_in.weight.dtype)  # [3F, 4, h, w]; float32 state -> model dtype
     context = torch.cat([prompts.source.expand(f, -1, -1), prompts.negative.expand(f, -1, -1), prompts.target.expand(f, -1, -1)])
     _, uncond, cond = unet(x, t, context.to(x.dtype), control).chunk(3)
-    return classifier_free_guidance(uncond, cond, scale)
+    dtype = state_dtype(uncond.dtype)  # guidance (eps arithmetic) in float32, like the DDIM step after it
+    return classifier_free_guidance(uncond.to(dtype), cond.to(dtype), scale)
 
 
 def batches(n: int, size: int) -> list[list[int]]:
@@ -157,14 +170,23 @@ ControlFactory = Callable[..., EditControl]
 def denoise_step(
     unet: UNet, schedule: Schedule, settings: EditSettings, prompts: PromptEmbeddings, latents: Tensor, source: Tensor,
     t: int, t_prev: int, pnp: PnPInjection, keyframes: list[int] | None, make_control: ControlFactory = EditControl,
+    own_frames: list[int] | None = None, record: EditRecord | None = None,
 ) -> Tensor:
     """One step of Alg. 1 for every frame of `latents` [n, 4, h, w] (source: the original video's
-    x_t, same shape) -> the latents at t_prev."""
+    x_t, same shape) -> the latents at t_prev. `own_frames`: compute only these frames in the
+    propagation / per-frame pass (one rank's share under torchrun; the other rows of the result are
+    not set); the keyframe pass still takes the keyframes' rows, which must hold their values.
+    `record`: counts the frames sent through the UNet."""
     n = latents.shape[0]
+    own = list(range(n)) if own_frames is None else list(own_frames)
+
+    def forward(frames: list[int], control: EditControl) -> Tensor:
+        if record is not None:
+            record.unet_frame_forwards += len(frames)
+        return guided_output(unet, latents[frames], source[frames], t, prompts, control, settings.guidance_scale)
 
     def denoise(frames: list[int], control: EditControl) -> Tensor:
-        out = guided_output(unet, latents[frames], source[frames], t, prompts, control, settings.guidance_scale)
-        return ddim_step(schedule, out, t, t_prev, latents[frames])
+        return ddim_step(schedule, forward(frames, control), t, t_prev, latents[frames])
 
     new = torch.empty_like(latents)
     if settings.mode in ("tokenflow", "fixed_keyframes"):
@@ -172,16 +194,26 @@ def denoise_step(
         released = settings.propagation == "released"
         tokens = KeyframeTokens(keyframes, record_source_outputs=released)
         control = make_control(len(keyframes), pnp=pnp, joint_frames=len(keyframes), record=tokens, query_chunk=settings.query_chunk)
-        guided_output(unet, latents[keyframes], source[keyframes], t, prompts, control, settings.guidance_scale)
-        # (II) propagation pass over every frame, keyframes included
+        keyframe_out = forward(keyframes, control)  # [K, 4, h, w] guided
+        # (II) propagation pass over every frame. Under the paper's rule a keyframe is its own past
+        # and future keyframe: its NN field onto itself is the identity, so Eq. 6 hands back its
+        # own T_base at every layer and its propagation forward would repeat the keyframe pass
+        # exactly. Its step is taken from the keyframe pass instead (n + K frame forwards per step
+        # become n). Not so under the released rule, where a keyframe blends two groups' keyframes.
+        if settings.reuse_keyframes and not released:
+            mine = [(slot, k) for slot, k in enumerate(keyframes) if k in set(own)]
+            if mine:
+                slots, frames = [s for s, _ in mine], [k for _, k in mine]
+                new[frames] = ddim_step(schedule, keyframe_out[slots], t, t_prev, latents[frames])
+            own = [i for i in own if i not in set(keyframes)]
         neighbours = keyframe_neighbours(
             list(range(n)), keyframes, settings.weighting, rule=settings.propagation, interval=settings.keyframe_interval,
         ).to(latents.device)  # once per step, not per layer
-        for frames in batches(n, settings.batch_size):
+        for frames in ([own[i] for i in b] for b in batches(len(own), settings.batch_size)):
             propagation = Propagation(tokens, neighbours.subset(frames), propagate_source=released)
             new[frames] = denoise(frames, make_control(len(frames), pnp=pnp, propagation=propagation))
     elif settings.mode == "per_frame":
-        for frames in batches(n, settings.batch_size):
+        for frames in ([own[i] for i in b] for b in batches(len(own), settings.batch_size)):
             new[frames] = denoise(frames, make_control(len(frames), pnp=pnp))
     else:  # extended_all: every frame attends to every frame; memory grows with n^2 on CPU
         frames = list(range(n))
@@ -193,16 +225,17 @@ def denoise_step(
 def edit_video_latents(
     unet: UNet, schedule: Schedule, settings: EditSettings, prompts: PromptEmbeddings,
     source_latents: dict[int, Tensor], clean_latents: Tensor, timesteps: list[int],
-    progress: Callable[[Iterable], Iterable] | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None, shard=None,
 ) -> tuple[Tensor, EditRecord]:
     """Alg. 1 on latents. source_latents: {t: [n, 4, h, w]} the inverted original video at every
     sampling timestep; clean_latents: [n, 4, h, w]. Returns the edited clean latents and a record.
-    `progress` wraps the step iterator (a bar; it may also stop the loop early)."""
+    The latents between steps stay in float32 whatever the UNet's dtype (sampler.ddim.state_dtype).
+    `progress` wraps the step iterator (a bar; it may also stop the loop early). `shard`
+    (distributed.FrameShard, torchrun): compute only its frames' rows; it fills each step's keyframe
+    rows from the ranks that own them."""
     n = clean_latents.shape[0]
     latents, timesteps = edit_start(settings, schedule, timesteps, source_latents, clean_latents)
-    missing = [t for t in timesteps if t not in source_latents]
-    if missing:
-        raise ValueError(f"edit: no inverted latents for timesteps {missing[:5]}")
+    require_inverted(source_latents, timesteps)
     record = EditRecord()
     steps = range(len(timesteps)) if progress is None else progress(range(len(timesteps)))
     for step in steps:
@@ -213,8 +246,12 @@ def edit_video_latents(
         if keyframes is not None:
             record.keyframes.append(keyframes)
         pnp = settings.injection(step, len(timesteps))
-        new = denoise_step(unet, schedule, settings, prompts, latents, source_latents[t].to(latents), t, t_prev, pnp, keyframes)
-        if not torch.isfinite(new).all():
+        source = source_latents[t].to(latents)
+        if shard is not None and keyframes is not None:
+            shard.share_keyframes(latents, source, keyframes)
+        own = None if shard is None else shard.frames
+        new = denoise_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, own_frames=own, record=record)
+        if not torch.isfinite(new if own is None else new[own]).all():
             raise FloatingPointError(f"edit: non-finite latents at step {step} (t={t}); try float32 or a lower guidance scale")
         latents = new
     return latents, record

@@ -59,6 +59,7 @@ class RunFacts:
     timings_s: dict[str, float] = field(default_factory=dict)
     seconds_per_frame: dict[str, float] = field(default_factory=dict)
     keyframes_per_step: list[list[int]] = field(default_factory=list)
+    unet_frame_forwards: int = 0  # frames through the UNet while editing (each with its 3 branches), all steps
     timesteps: list[int] = field(default_factory=list)
     inversion_cache: str | None = None
     inversion_frames_reused: int = 0
@@ -186,7 +187,7 @@ def edit_settings(cfg) -> EditSettings:
     return EditSettings(
         mode=tf["mode"], method=method["name"], guidance_scale=cfg["guidance_scale"],
         keyframe_interval=tf["keyframe_interval"], weighting=tf["weighting"], batch_size=tf["batch_size"],
-        propagation=tf.get("propagation", "paper"),
+        propagation=tf.get("propagation", "paper"), reuse_keyframes=tf.get("reuse_keyframes", True),
         seed=cfg["seed"], query_chunk=tf["query_chunk"],
         pnp_qk_fraction=method.get("qk_fraction", 0.5), pnp_feature_fraction=method.get("feature_fraction", 0.8),
         pnp_qk_layers=tuple(method.get("qk_layers", EditSettings.pnp_qk_layers)),
@@ -550,6 +551,7 @@ def _run_edit(cfg, out_dir: Path, settings, prompt: str, show: bool, memory: Pea
             edited_latents = shard.own_rows(edited_latents)
         sample_bar.close()
         facts.keyframes_per_step, facts.timesteps = record.keyframes, record.timesteps
+        facts.unet_frame_forwards = record.unet_frame_forwards
         watch.lap("editing")
 
     edited = from_model_range(decode_latents(models.vae, edited_latents, cfg["inversion"]["batch_size"]))
