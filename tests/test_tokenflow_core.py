@@ -15,6 +15,8 @@ from tokenflow.propagation import keyframe_neighbours, nn_field, propagate
 from unet import UNet, UNetConfig, attention
 from unet.model import SelfAttention
 
+pytestmark = pytest.mark.core  # the algorithm's own tests: `pytest -m core`
+
 
 def naive_extended_attention(q, k, v, heads, frames):
     """Eq. 3-4 written the obvious way: each frame's queries against the EXPLICIT concatenation
