@@ -1,4 +1,4 @@
-"""tools.table1 on the tiny random model: five method rows with numeric warp errors, CLIP scores from a
+"""tools.table1 on the tiny random model: six method rows (the paper's five and the released propagation rule) with numeric warp errors, CLIP scores from a
 tiny saved CLIP checkpoint (or n/a, said once), per-pair rows in the CSV, and bad input refused
 before anything runs. Random weights: no ordering between methods is asserted."""
 
@@ -58,7 +58,7 @@ def read_csv(path):
     return rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
 
 
-def test_two_pairs_five_methods_with_clip(tmp_path, clips, tiny_clip_folder, capsys):
+def test_two_pairs_every_method_with_clip(tmp_path, clips, tiny_clip_folder, capsys):
     out = tmp_path / "table"
     pairs_file = tmp_path / "pairs.txt"
     pairs_file.write_text(f"# a comment\n\n{clips[1]}::a snowy winter scene\n")
@@ -73,7 +73,7 @@ def test_two_pairs_five_methods_with_clip(tmp_path, clips, tiny_clip_folder, cap
     means = [r for r in rows if r["scope"] == "mean"]
     per_pair = [r for r in rows if r["scope"] == "pair"]
     assert [r["method"] for r in means] == list(MODES)
-    assert len(per_pair) == 10 and {r["pair"] for r in per_pair} == {"0", "1"}
+    assert len(per_pair) == 2 * len(MODES) and {r["pair"] for r in per_pair} == {"0", "1"}
     for r in rows:
         assert not r["error"]
         warp, clip = float(r["warp_error_x1e-3"]), float(r["clip_score"])
@@ -88,9 +88,10 @@ def test_two_pairs_five_methods_with_clip(tmp_path, clips, tiny_clip_folder, cap
 
     md = (out / "table1.md").read_text()
     table_lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert len(table_lines) == 1 + 5  # header + one row per method
+    assert len(table_lines) == 1 + len(METHODS)  # header + one row per method
     for _, label, paper_warp, paper_clip in METHODS:
-        assert any(line.startswith(f"| {label} |") and line.endswith(f"| {paper_warp} | {paper_clip} |") for line in table_lines)
+        paper = " | ".join("-" if v is None else str(v) for v in (paper_warp, paper_clip))
+        assert any(line.startswith(f"| {label} |") and line.endswith(f"| {paper} |") for line in table_lines)
     # the edited video of every run is there, and its source is the pipeline's (resized) source
     run = json.loads((out / "pair01_b" / "tokenflow" / "run.json").read_text())
     assert run["frames"] == 5 and run["size"] == [64, 64]
@@ -104,7 +105,7 @@ def test_without_clip_weights_scores_are_na_and_said_once(tmp_path, clips, capsy
     assert code == 0
     assert printed.count("CLIP score skipped:") == 1
     _, rows = read_csv(out / "table1.csv")
-    assert len(rows) == 10
+    assert len(rows) == 2 * len(MODES)
     assert all(r["clip_score"] == "n/a" for r in rows)
     assert all(float(r["warp_error_x1e-3"]) >= 0 for r in rows)
 

@@ -3,10 +3,11 @@
     python -m tools.table1 --pairs "wolf.mp4::a marble sculpture of a wolf" --pairs "sample::a watercolor painting"
     python -m tools.table1 --pairs-file pairs.txt --model tiny --out-dir table1 frames.max=16 size=128
 
-For every (video, prompt) pair, five runs of tokenflow.pipeline.run_edit, each composed from
+For every (video, prompt) pair, six runs of tokenflow.pipeline.run_edit, each composed from
 conf/config.yaml with `experiment=table1_<mode>` and the user's overrides:
   LDM reconstruction (encode/decode only), PnP per frame, TokenFlow without propagation (extended
-  attention across all frames), TokenFlow without random keyframes (fixed), TokenFlow.
+  attention across all frames), TokenFlow without random keyframes (fixed), TokenFlow, and TokenFlow
+  with the released code's propagation rule (not in the paper; its paper columns read "-").
 Each run is scored:
 - warp error (tools.warp_error, x1e-3): flow on the SOURCE frames exactly as the pipeline read and
   resized them (tokenflow.pipeline.load_video with the run's config), edited frames from the run's
@@ -45,6 +46,9 @@ METHODS = (
     ("extended_all", "TokenFlow w/o propagation (ext. attn. all frames)", 5.9, 0.33),
     ("fixed_keyframes", "TokenFlow w/o random keyframes", 3.7, 0.33),
     ("tokenflow", "TokenFlow", 3.0, 0.33),
+    # not in the paper: the same method with the released code's propagation rule (README, "Two
+    # propagation rules"), so paper vs released are compared on the same clips in one command
+    ("tokenflow_released", "TokenFlow, released code's propagation", None, None),
 )
 MODES = tuple(m[0] for m in METHODS)
 METRICS = ("warp_error_x1e-3", "clip_score", "sec_per_frame_editing", "sec_per_frame_total", "peak_memory_mb")
@@ -298,7 +302,8 @@ def markdown_table(means: list[Row]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in means:
         m = r.metrics
-        cells = [r.label, *(fmt(m.get(k), DIGITS[k]) for k in METRICS), str(r.pairs), *(f"{v}" for v in paper[r.method])]
+        cells = [r.label, *(fmt(m.get(k), DIGITS[k]) for k in METRICS), str(r.pairs),
+                 *("-" if v is None else f"{v}" for v in paper[r.method])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
