@@ -348,3 +348,53 @@ def test_1000_step_inversion_spends_no_model_call_on_its_identity_first_step():
     calls.clear()
     invert(model_fn, x0, schedule, 50, keep)  # a 50-step grid starts at t = 1: a real step, called
     assert len(calls) == 50
+
+
+# ---------------------------------------------------------------------------------------------
+# the released rule's source branch: gathered through the NN field, no longer its own attention
+
+
+def test_released_rule_propagates_the_source_branch():
+    from tokenflow.controls import KeyframeTokens, Propagation
+    from unet.model import SelfAttention
+
+    torch.manual_seed(0)
+    frames, n_tokens, channels = 3, 16, 8
+    attn = SelfAttention(channels, heads=2, upcast=False).eval()
+    attn.path = "up_blocks.3.attentions.2.transformer_blocks.0.attn1"
+    tokens = KeyframeTokens([0, 2], record_source_outputs=True)
+    tokens.source_inputs[attn.path] = torch.randn(2, n_tokens, channels)
+    tokens.edited_outputs[attn.path] = torch.randn(2, 2, n_tokens, channels)
+    tokens.source_outputs[attn.path] = torch.randn(2, n_tokens, channels)
+    nb = keyframe_neighbours([0, 1, 2], [0, 2], rule="released", interval=2)
+    x = torch.randn(3 * frames, n_tokens, channels)
+    with torch.no_grad():
+        released = EditControl(frames, propagation=Propagation(tokens, nb, propagate_source=True)).self_attention(attn, x)
+        paper = EditControl(frames, propagation=Propagation(tokens, nb)).self_attention(attn, x)
+    want_source = propagate(tokens.source_outputs[attn.path][None], tokens.source_inputs[attn.path], x[:frames], nb)[0]
+    assert torch.equal(released[:frames], want_source)
+    assert torch.allclose(paper[:frames], attn.plain(x[:frames]))  # the paper's: its own attention
+    assert torch.equal(released[frames:], paper[frames:])  # the edited branches alike in both
+    with pytest.raises(ValueError, match="recorded the source outputs"):
+        Propagation(KeyframeTokens([0, 2]), nb, propagate_source=True)
+
+
+def test_each_propagation_rule_runs_end_to_end(tmp_path):
+    """A small run through run_edit with each rule: both finish, the rule reaches the edit."""
+    import json
+
+    from tokenflow.pipeline import run_edit
+    from tools.run_config import compose_config
+
+    finals = {}
+    for rule in ("paper", "released"):
+        cfg = compose_config(["model=tiny", "progress=false", "frames.max=6", "size=64", "steps=3", "inversion.steps=3",
+                              "tokenflow.keyframe_interval=3", f"tokenflow.propagation={rule}",
+                              f"inversion.cache_dir={tmp_path / 'cache'}"])
+        facts = run_edit(cfg, tmp_path / rule)
+        finals[rule] = json.loads((tmp_path / rule / "run.json").read_text())
+        assert facts.frames == 6 and (tmp_path / rule / "edited.mp4").is_file()
+    # the paper's rule reuses the keyframe pass for the keyframes; the released rule cannot
+    keyframes = sum(len(k) for k in finals["paper"]["keyframes_per_step"])
+    assert finals["paper"]["unet_frame_forwards"] == 3 * 6
+    assert finals["released"]["unet_frame_forwards"] == 3 * 6 + keyframes
