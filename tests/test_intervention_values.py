@@ -398,3 +398,18 @@ def test_each_propagation_rule_runs_end_to_end(tmp_path):
     keyframes = sum(len(k) for k in finals["paper"]["keyframes_per_step"])
     assert finals["paper"]["unet_frame_forwards"] == 3 * 6
     assert finals["released"]["unet_frame_forwards"] == 3 * 6 + keyframes
+
+
+def test_neighbours_reach_the_latents_device_once_per_step():
+    """The neighbour tables are built on the CPU; the propagation batches must get them on the
+    latents' device (indexing device tokens with CPU indices copies host-to-device in every layer).
+    The meta device stands in for CUDA."""
+    schedule = Schedule()
+    t, t_prev = schedule.timesteps(10).tolist()[:2]
+    latents = torch.randn(7, 4, 2, 2, device="meta")
+    settings = EditSettings(mode="tokenflow", keyframe_interval=3, batch_size=3)
+    stub = BranchStub().to("meta")
+    prompts = PromptEmbeddings(*(p.to("meta") for p in (torch.zeros(1, 77, 8), torch.ones(1, 77, 8), torch.ones(1, 77, 8))))
+    denoise_step(stub, schedule, settings, prompts, latents, latents, t, t_prev, settings.injection(0, 10), [1, 3, 6])
+    tables = [c["control"].propagation.neighbours for c in stub.calls[1:]]
+    assert tables and all(nb.past.device.type == nb.future.device.type == nb.w.device.type == "meta" for nb in tables)
