@@ -303,7 +303,8 @@ def report(result: ToyResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.toy_propagation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.toy_propagation", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--video", required=True, help="video file or image folder (e.g. ../shared/data/wolf.mp4)")
     parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help=f"first N frames (default {DEFAULT_FRAMES})")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"short side in pixels (default {DEFAULT_SIZE}; 0 keeps the clip's)")
