@@ -151,3 +151,19 @@ def test_readme_examples_that_need_no_weights_run_as_written(tmp_path, readme_ex
             assert "model=tiny (random weights)" in res.stdout
     assert (tmp_path / "outputs" / "tiny" / "edited.mp4").is_file()
     assert (tmp_path / "fig3_tiny.png").is_file()
+
+
+def test_tool_overrides_read_prompts_and_keys_as_the_tokenflow_command():
+    from test_cli import PROMPTS
+    from tools.run_config import add_run_flags, compose_config, flag_overrides, quote
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_run_flags(parser)
+    for text in PROMPTS.values():
+        args = parser.parse_args(["--model", "tiny", f"prompt={text}", f"negative_prompt={text}"])
+        cfg = compose_config(flag_overrides(args))
+        assert cfg["prompt"] == cfg["negative_prompt"] == text and cfg["model"]["source"] == "tiny"
+        assert compose_config([f"video={quote(text)}"])["video"] == text  # the figures' --video/--prompt quoting
+    with pytest.raises(ValueError, match=r"did you mean prompt\?"):
+        flag_overrides(parser.parse_args(["+promt=a cat"]))
+    assert compose_config(flag_overrides(parser.parse_args(["--size", "full"])))["size"] == "full"

@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {fig.path}")
+    from tokenflow.pipeline import random_weights_warning
+
+    if note := random_weights_warning(cfg):  # a figure of random features shows noise: say so
+        print(f"note: {note}")
     return 0
 
 

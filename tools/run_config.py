@@ -29,8 +29,11 @@ def model_override(model: str) -> str:
 
 
 def quote(value: str) -> str:
-    """A Hydra override value that stays one string whatever it holds (spaces, '=', ',', quotes)."""
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """A Hydra override value that stays one string whatever it holds (spaces, '=', ',', quotes,
+    backslashes, `${`): the quoting the `tokenflow` command gives prompts."""
+    from tokenflow.cli import hydra_string
+
+    return hydra_string(str(value))
 
 
 def _size(text: str) -> int | str:
