@@ -138,3 +138,13 @@ def test_cli_writes_every_output_and_reports(tmp_path, clip, capsys):
     # bad input: one line, nothing written
     assert main(["--video", str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "none")]) == 2
     assert "missing.mp4" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_without_matplotlib_everything_but_the_figure_is_written(tmp_path, clip, monkeypatch):
+    from tools.toy_propagation import report, write_outputs
+
+    result, videos, figure = run_demo(clip[:6], stride=STRIDE, interval=4, rules=("paper",))
+    monkeypatch.setitem(__import__("sys").modules, "tools.plotting", None)  # as if matplotlib were missing
+    write_outputs(tmp_path / "out", result, videos, figure)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"side_by_side.mp4", "per_frame.mp4", "tokenflow_paper.mp4", "warp_error.json"}
+    assert "skipped nn_field.png" in report(result) and "nn_field" not in result.outputs
