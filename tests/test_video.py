@@ -314,7 +314,17 @@ def test_fit_matches_plain_interpolate():
     ref = torch.nn.functional.interpolate(
         video.frames.permute(0, 3, 1, 2).float(), size=(64, 96), mode="bilinear", antialias=True
     ).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    assert torch.equal(fitted.frames, ref[:, :, 16:80])
+    # interpolated in uint8 (no float copy of a full-size frame): within one level of the float filter
+    assert (fitted.frames.int() - ref[:, :, 16:80].int()).abs().max() <= 1
+    assert (fitted.frames.int() - ref[:, :, 16:80].int()).abs().float().mean() < 0.2
+
+
+@pytest.mark.parametrize("size", [None, 128, (64, 192)])
+def test_fitting_while_decoding_equals_fitting_after(sample, sample_video, size):
+    # read_video(size=...) fits each frame as it is decoded (memory: one full-size frame at a time)
+    during = read_video(sample, start=3, stride=2, size=size)
+    after = fit_to_size(read_video(sample, start=3, stride=2), size)
+    assert torch.equal(during.frames, after.frames) and during.notes == after.notes
 
 
 def test_fit_nothing_to_do_adds_no_note(sample_video):

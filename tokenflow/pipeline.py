@@ -32,7 +32,7 @@ from .edit import MODES, EditSettings, PromptEmbeddings, edit_video_latents
 from .inversion import decode_latents, encode_frames, invert_frames
 from .inversion_cache import InversionCache, default_cache_root, model_file_stats, video_digest
 from .models import TINY_SOURCES
-from .media import Video, from_model_range, read_video, side_by_side, to_model_range, write_png_frames, write_video
+from .media import READER_VERSION, Video, from_model_range, read_video, side_by_side, to_model_range, write_png_frames, write_video
 
 RECONSTRUCTION = "reconstruction"  # Table 1's "LDM recon.": encode and decode only, no edit
 ALL_MODES = (*MODES, RECONSTRUCTION)  # every tokenflow.mode conf/config.yaml documents
@@ -361,7 +361,8 @@ def prepare_source(
             # a local path alone does not say which weights are there now (see model_file_stats)
             model_files=None if is_tiny else model_file_stats(model["source"]),
             extra={"dtype": str(dtype).replace("torch.", ""), "seed": model.get("seed", 0) if is_tiny else None,
-                   "variant": model.get("variant"), "prediction_type": model.get("prediction_type")},
+                   "variant": model.get("variant"), "prediction_type": model.get("prediction_type"),
+                   "reader": READER_VERSION},  # how the file's frames were read (media/reading.py)
         )
         if inv["force"] and (shard is None or shard.ranks.is_root):
             cache.clear()

@@ -8,11 +8,11 @@
 """
 
 from .frames import Video, from_model_range, side_by_side, to_model_range
-from .reading import image_files, read_video
+from .reading import READER_VERSION, image_files, read_video
 from .size import fit_to_size
 from .writing import write_png_frames, write_video
 
 __all__ = [
-    "Video", "fit_to_size", "from_model_range", "image_files", "read_video", "side_by_side", "to_model_range",
+    "READER_VERSION", "Video", "fit_to_size", "from_model_range", "image_files", "read_video", "side_by_side", "to_model_range",
     "write_png_frames", "write_video",
 ]

@@ -27,6 +27,9 @@ from .timing import probe_clock
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_FOLDER_FPS = Fraction(20)  # an image folder has no clock; 20 fps is the rate of the demo clips
 KEEP = "keep"  # read_video(size=KEEP): frames at the size they are decoded (no fitting)
+# Bump when the same file and selection read to other pixels (part of the inversion cache's key).
+# 2: frames stood upright, VFR frames picked by timestamp, colour range honoured, uint8 resizing.
+READER_VERSION = 2
 
 
 def image_files(folder: Path | str) -> list[Path]:
