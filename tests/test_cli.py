@@ -190,3 +190,20 @@ def test_random_weights_are_said_on_the_console_and_in_run_facts(tmp_path):
     run = json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))
     assert run["warnings"] == [pipeline.RANDOM_WEIGHTS_WARNING] and run["prompt"] == "a wolf, in marble — l'été 🐺"
     assert "at 10 fps" in res.stdout
+
+
+def test_ctrl_c_after_the_inversion_names_the_stage_and_the_whole_cache(tmp_path, monkeypatch):
+    clip = make_sample_clip(tmp_path / "clip.mp4", frames=2, size=64, fps=10)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "edit_video_latents", interrupted)
+    cfg = native_size_cfg("tiny", f"video={clip}", "size=64", "steps=1", "inversion.steps=2", "progress=false",
+                          f"inversion.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(pipeline.RunInterrupted) as stop:
+        pipeline.run_edit(cfg, tmp_path / "run")
+    assert str(stop.value).startswith("interrupted during editing; no outputs were written; the inverted latents of all 2 "
+                                      f"frames are cached in {tmp_path / 'cache'}")
+    assert str(stop.value).endswith("the same command reuses them")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
