@@ -36,6 +36,18 @@ FILE_SUFFIX = "_file"  # prompt_file=PATH: the prompt is the file's text
 GROUPS = ("model", "method", "experiment")  # config groups: their keys depend on the option chosen
 INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT
 
+
+def _register_resolvers() -> None:
+    """`${mod:a,b}` = a mod b, for one GPU per job in a parallel sweep: device=cuda:${mod:${hydra:job.num},4}
+    (README: Sweeps and clusters). Registered on import, so a launcher's worker process has it too."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("mod"):
+        OmegaConf.register_new_resolver("mod", lambda a, b: int(a) % int(b))
+
+
+_register_resolvers()
+
 # key=value, +key=value, ++key=value, ~key[=value] (Hydra's override forms); the value may hold anything
 OVERRIDE = re.compile(r"^(?P<prefix>\+\+|\+|~)?(?P<key>[A-Za-z_][\w.\-]*)(?P<package>@[\w.\-]*)?=(?P<value>.*)$", re.S)
 
