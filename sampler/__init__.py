@@ -11,6 +11,7 @@ from sampler.ddim import (
     predict_x0_and_eps,
     sample,
     sdedit_start,
+    state_dtype,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "predict_x0_and_eps",
     "sample",
     "sdedit_start",
+    "state_dtype",
 ]
