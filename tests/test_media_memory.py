@@ -38,9 +38,10 @@ facts = None
 if what == "hold":  # every frame at full resolution, as decoded
     video = read_video(clip)
     shape = list(video.frames.shape)
-else:  # the edit: tiny model, size=128 (reconstruction: the VAE round trip, the cheapest edit mode)
+else:  # the edit: tiny model, size=128 (reconstruction, the VAE round trip: the cheapest edit mode;
+    # one frame per VAE forward, so the edit's own activations do not hide what the frames take)
     run = pipeline.run_edit(run_config(Path(work), f"video={clip}", "size=128", "tokenflow.mode=reconstruction",
-                                       "inversion.batch_size=4"), Path(work) / "run")
+                                       "inversion.batch_size=1"), Path(work) / "run")
     shape = [run.frames, *run.size]
 print(json.dumps({"baseline_mb": baseline, "peak_mb": vm("VmHWM"), "shape": shape}))
 """
