@@ -25,9 +25,10 @@ KEYFRAMES = [1, 4, 7, 9]
 def clip():
     torch.manual_seed(0)
     unet = UNet(UNetConfig.tiny()).eval()
-    # a "video": one latent image drifting a little from frame to frame, so NN fields are not random
-    base = torch.randn(1, 4, 8, 8)
-    source = base + 0.3 * torch.randn(N_FRAMES, 4, 8, 8).cumsum(0) / N_FRAMES**0.5
+    # a "video": one latent image panning a pixel per frame (plus a little noise), so a frame's NN
+    # field differs from keyframe to keyframe (a swapped or misdirected field shows), yet is not random
+    base = torch.randn(4, 8, 8)
+    source = torch.stack([torch.roll(base, shifts=i, dims=-1) for i in range(N_FRAMES)]) + 0.1 * torch.randn(N_FRAMES, 4, 8, 8)
     latents = source + 0.5 * torch.randn(N_FRAMES, 4, 8, 8)  # the edit has moved away from the source
     prompts = tuple(torch.randn(1, 77, 64) for _ in range(3))  # source, negative, target
     return unet, source, latents, prompts
