@@ -1,0 +1,132 @@
+"""One video across two processes (torchrun, gloo, CPU, tiny model, 24 frames of the wolf clip):
+the edited latents equal the single-process run's to 1e-5 with each rank having computed half of the
+frames; the same CLI under torchrun writes one run folder whose frames match the single process's
+and whose run facts name each rank's frames and timings. Plus the shard arithmetic on its own.
+
+This file is also the torchrun worker of the latent-level test (run as a script)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WOLF = REPO.parent / "shared" / "data" / "wolf.mp4"
+OVERRIDES = ["model=tiny", "frames.max=24", "size=64", "steps=4", "inversion.steps=8", "device=cpu", "progress=false",
+             "output.side_by_side=false",
+             # batches that split the same way in one process and in each half (1 frame per propagation forward,
+             # 4 per inversion/VAE forward): a different batch composition changes float rounding (6e-5 seen at 5)
+             "tokenflow.batch_size=1", "inversion.batch_size=4"]
+
+
+def composed(overrides: list[str]) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+
+
+def torchrun(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def edit_latents(cfg: dict, ranks=None):
+    """prepare_source + edit_video_latents as run_edit calls them -> (edited latents of this
+    process's rows, src)."""
+    from tokenflow.edit import edit_video_latents
+    from tokenflow.pipeline import edit_settings, prepare_source
+
+    src = prepare_source(cfg, ranks=ranks)
+    shard = src.shard
+    source, clean = (src.source_latents, src.clean) if shard is None else (shard.full_source(src.source_latents), shard.full(src.clean))
+    latents, _ = edit_video_latents(src.models.unet, src.models.config.schedule, edit_settings(cfg), src.prompts,
+                                    source, clean, src.timesteps, shard=shard)
+    return (latents if shard is None else shard.own_rows(latents)), src
+
+
+def worker(out: str, cfg_json: str) -> None:
+    """torchrun worker: the sharded edit; rank 0 saves the gathered latents and each rank's frames."""
+    from tokenflow.distributed import Ranks
+
+    torch.set_num_threads(1)
+    ranks = Ranks.from_env("cpu")
+    latents, src = edit_latents(json.loads(Path(cfg_json).read_text()), ranks)
+    whole = src.shard.gather_to_root(latents)
+    frames = ranks.all_gather(src.shard.frames)
+    if ranks.is_root:
+        torch.save({"latents": whole, "frames": frames, "clean_rows": src.clean.shape[0]}, out)
+    ranks.close()
+
+
+@pytest.fixture
+def wolf():
+    if not WOLF.is_file():
+        pytest.skip(f"{WOLF} not present (the real sample clips live beside the repository)")
+    return WOLF
+
+
+def test_two_ranks_give_the_single_process_latents(tmp_path, wolf):
+    cfg = composed([f"video={wolf}", *OVERRIDES, f"inversion.cache_dir={tmp_path / 'cache'}"])
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    proc = torchrun([__file__, str(tmp_path / "out.pt"), str(tmp_path / "cfg.json")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["frames"] == [list(range(12)), list(range(12, 24))]  # each rank computed half of the frames
+    assert got["clean_rows"] == 12  # and encoded only its half
+    # the single process, inverting on its own (no cache)
+    ref, _ = edit_latents({**cfg, "inversion": {**cfg["inversion"], "cache": False}})
+    assert ref.shape == got["latents"].shape == (24, 4, 8, 8)
+    torch.testing.assert_close(got["latents"], ref, rtol=0, atol=1e-5)
+    # the ranks filled the cache under the whole selection's key, one file per frame
+    assert len(list((tmp_path / "cache").rglob("frame_*.safetensors"))) == 24
+
+
+def test_torchrun_cli_writes_one_run_with_each_ranks_facts(tmp_path, wolf):
+    args = [f"video={wolf}", *OVERRIDES, "output.png_frames=true", f"inversion.cache_dir={tmp_path / 'cache'}"]
+    proc = torchrun(["-m", "tokenflow.cli", *args, "hydra.run.dir=dist"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "tokenflow.cli", *args, "hydra.run.dir=single", "inversion.cache=false"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    facts = json.loads((tmp_path / "dist" / "run.json").read_text())
+    assert facts["frames"] == 24
+    assert [(r["rank"], r["frames"], r["first_frame"], r["last_frame"]) for r in facts["ranks"]] == [(0, 12, 0, 11), (1, 12, 12, 23)]
+    assert all("editing" in r["timings_s"] and "inversion" in r["timings_s"] for r in facts["ranks"])
+    from PIL import Image
+
+    def frames(run):
+        return np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / run / "frames").glob("*.png"))]).astype(int)
+
+    a, b = frames("dist"), frames("single")
+    assert a.shape == b.shape == (24, 64, 64, 3)
+    assert np.abs(a - b).max() <= 1  # equal latents to 1e-5: at most a rounding step apart in uint8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "dist", "single"]  # one folder per run, no stray
+
+
+def test_torchrun_refuses_extended_all(tmp_path, wolf):
+    proc = torchrun(["-m", "tokenflow.cli", f"video={wolf}", *OVERRIDES, "tokenflow.mode=extended_all", "hydra.run.dir=x"], cwd=tmp_path)
+    assert proc.returncode != 0 and "extended_all" in proc.stderr and "one process" in proc.stderr
+
+
+def test_shards_are_contiguous_and_cover_the_clip():
+    from tokenflow.distributed import FrameShard, Ranks
+
+    for n, world in [(24, 2), (25, 3), (40, 7), (5, 5)]:
+        shards = [FrameShard(Ranks(rank=r, world_size=world, local_rank=r, comm_device="cpu"), n) for r in range(world)]
+        assert sum((s.frames for s in shards), []) == list(range(n))
+        assert max(len(s.frames) for s in shards) - min(len(s.frames) for s in shards) <= 1
+        assert all(s.owner(i) == r for r, s in enumerate(shards) for i in s.frames)
+    with pytest.raises(ValueError, match="cannot be shared by 3 ranks"):
+        Ranks(rank=0, world_size=3, local_rank=0, comm_device="cpu").shard(2)
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:])
