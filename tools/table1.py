@@ -21,6 +21,17 @@ speed. The four edit runs of a pair share one inversion through the inversion ca
 that needs it computes it, the others reload it, so compare "s/frame (editing)".
 Writes <out-dir>/table1.md (means over pairs, with the paper's numbers beside them) and
 <out-dir>/table1.csv (the mean rows and one row per pair and method).
+
+On a cluster (the .[cluster] extra): `--sweep LAUNCHER` runs every cell as one job of ONE Hydra
+multirun (`tokenflow -m`) on hydra/launcher=LAUNCHER (joblib, submitit_local, submitit_slurm; basic:
+one after the other), each (pair, method) an experiment config written into <out-dir>/sweep_conf;
+`--launcher-arg hydra.launcher.gpus_per_node=1` etc. go to that command. It then collects the
+finished folder. `--collect DIR` scores any finished multirun folder of tokenflow runs (output.png_frames
+=true) into the table: each job's pair is its config's video and prompt, its method its
+tokenflow.mode (and propagation), so a sweep started by hand, or on another machine, counts too.
+
+    python -m tools.table1 --pairs-file pairs.txt --sweep submitit_slurm --launcher-arg hydra.launcher.partition=gpu
+    python -m tools.table1 --collect table1/multirun --out-dir table1
 """
 
 from __future__ import annotations
@@ -30,8 +41,10 @@ import csv
 import json
 import multiprocessing
 import re
+import subprocess
 import sys
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,19 +181,33 @@ def edited_frames(run_dir: Path) -> np.ndarray:
 
 
 class ClipScorer:
-    """The CLIP model loaded once; when it cannot be had, says why once and scores None."""
+    """CLIP for the table's scores, on the device only while it scores: CLIP ViT-L/14 holds about
+    1.7 GB in float32, which the runs before it should have. `scoring()` loads it once, after the
+    runs, and frees it when its block ends. When the weights cannot be had it says why once and
+    scores None."""
 
     def __init__(self, model: str | None, device: str = "cpu"):
-        self.loaded = None
+        self.model, self.device, self.loaded = model, device, None
         if model is None:
             print("CLIP score skipped: --no-clip")
-            return
-        from tools.clip_score import ClipUnavailable, load_clip
 
+    @contextmanager
+    def scoring(self):
+        if self.model is not None:
+            from tools.clip_score import ClipUnavailable, load_clip
+
+            try:
+                self.loaded = load_clip(self.model, device=self.device)
+            except ClipUnavailable as e:
+                print(f"CLIP score skipped: {e}")
         try:
-            self.loaded = load_clip(model, device=device)
-        except ClipUnavailable as e:
-            print(f"CLIP score skipped: {e}")
+            yield self
+        finally:
+            self.loaded = None  # freed: the caller keeps no reference
+            if str(self.device).startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()  # hand its memory back, not only to PyTorch's cache
 
     def __call__(self, frames: np.ndarray, prompt: str) -> float | None:
         if self.loaded is None:
@@ -191,8 +218,8 @@ class ClipScorer:
         return None if result is None else result.mean
 
 
-def run_metrics(run_dir: Path, source: np.ndarray, prompt: str, clip: ClipScorer, flow: str) -> tuple[dict, str]:
-    """METRICS of one finished run, and which memory its peak is."""
+def run_metrics(run_dir: Path, source: np.ndarray, prompt: str, clip: ClipScorer | None, flow: str) -> tuple[dict, str]:
+    """METRICS of one finished run, and which memory its peak is (clip None: the CLIP score later)."""
     from tools.warp_error import warp_error
 
     facts = json.loads((run_dir / "run.json").read_text())
@@ -202,7 +229,7 @@ def run_metrics(run_dir: Path, source: np.ndarray, prompt: str, clip: ClipScorer
     kind = "cuda_allocated" if "cuda_allocated" in memory else "cpu_rss"
     metrics = {
         "warp_error_x1e-3": warp_error(source, edited, method=flow).mean if len(source) > 1 else None,
-        "clip_score": clip(edited, prompt),
+        "clip_score": None if clip is None else clip(edited, prompt),
         "sec_per_frame_editing": spf.get("editing"),  # none for the reconstruction: nothing is edited
         "sec_per_frame_total": round(sum(spf.values()), 4),
         "peak_memory_mb": memory[kind],
@@ -272,12 +299,21 @@ def table1(
             row.error = source_error or run_one(configs[i, mode], run_dir, in_process=in_process)
             if not row.error:
                 try:
-                    row.metrics, row.memory_kind = run_metrics(run_dir, source, pair.prompt, clip, flow)
+                    row.metrics, row.memory_kind = run_metrics(run_dir, source, pair.prompt, None, flow)
                 except (ValueError, OSError, RuntimeError) as e:  # the finished runs above still count
                     row.error = f"scoring: {type(e).__name__}: {e}"
             if row.error:
                 print(f"[table1] {mode} on pair {i} failed: {row.error}", file=sys.stderr)
             rows.append(row)
+    scored = [r for r in rows if not r.error]
+    if scored and clip_model is not None:
+        with clip.scoring():  # CLIP on the device only now, after every run, and freed after
+            for row in scored:
+                try:
+                    row.metrics["clip_score"] = clip(edited_frames(Path(row.run_dir)), row.prompt)
+                except (ValueError, OSError, RuntimeError) as e:
+                    row.error = f"scoring: {type(e).__name__}: {e}"
+                    print(f"[table1] {row.method} on pair {row.pair} failed: {row.error}", file=sys.stderr)
     means = mean_rows(rows, len(pairs))
     random = any(cfg["model"]["source"] == "tiny" for cfg in configs.values())
     md = write_markdown(out_dir / "table1.md", means, pairs, list(overrides), flow, random_weights=random)
@@ -392,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-clip", action="store_true", help="do not compute the CLIP score")
     parser.add_argument("--flow", default="dis", choices=FLOWS, help="optical flow of the warp error (default dis)")
     parser.add_argument("--methods", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--sweep", default=None, metavar="LAUNCHER",
+                        help="run the cells as one Hydra multirun on hydra/launcher=LAUNCHER (joblib, submitit_local, "
+                             "submitit_slurm, basic), then collect it")
+    parser.add_argument("--launcher-arg", action="append", default=[], metavar="OVERRIDE",
+                        help="an override for the sweep's command, e.g. hydra.launcher.n_jobs=4 (repeatable)")
+    parser.add_argument("--collect", default=None, metavar="DIR", help="score a finished multirun folder into the table")
     parser.add_argument("--in-process", action="store_true",
                         help="run everything in this process (faster start; peak memory then accumulates over runs)")
     add_run_flags(parser)
@@ -400,7 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [parse_pair(p) for p in args.pairs]
         if args.pairs_file:
             pairs += read_pairs_file(args.pairs_file)
-        result = table1(
+        clip_model = None if args.no_clip else args.clip_model
+        modes = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if args.sweep:
+            args.collect = str(run_sweep(pairs, args.out_dir, flag_overrides(args), args.sweep, args.launcher_arg, modes))
+        result = collect(args.collect, args.out_dir, clip_model=clip_model, flow=args.flow) if args.collect else table1(
             pairs, args.out_dir, overrides=flag_overrides(args), clip_model=None if args.no_clip else args.clip_model,
             flow=args.flow, in_process=args.in_process, modes=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         )
@@ -414,6 +460,114 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {result.csv}")
     failed = [r for r in result.rows if r.error]
     return 1 if failed else 0
+
+
+
+# ------------------------------------------------------------------------------------- sweeps and collecting
+
+SWEEP_PREFIX = "t1"  # experiment names of a sweep's cells: t1_p00_tokenflow
+
+
+def _yaml_text(text: str) -> str:
+    """`text` as a single-quoted YAML scalar that OmegaConf reads back as exactly `text` (no interpolation)."""
+    return "'" + text.replace("'", "''").replace("${", "\\${") + "'"
+
+
+def sweep_experiments(pairs: list[Pair], modes: tuple[str, ...], folder: Path) -> list[str]:
+    """One experiment config per cell into folder/experiment/: the table's experiment_<mode> with the
+    pair's video and prompt set -> the experiment names, pair by pair."""
+    conf = Path(__file__).resolve().parents[1] / "conf" / "experiment"
+    (folder / "experiment").mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, pair in enumerate(pairs):
+        video = pair.video if pair.video == "sample" else str(Path(pair.video).expanduser().resolve())
+        for mode in modes:
+            name = f"{SWEEP_PREFIX}_p{i:02d}_{mode}"
+            body = (conf / f"table1_{mode}.yaml").read_text()
+            (folder / "experiment" / f"{name}.yaml").write_text(
+                body.rstrip("\n") + f"\nvideo: {_yaml_text(video)}\nprompt: {_yaml_text(pair.prompt)}\n")
+            names.append(name)
+    return names
+
+
+def sweep_command(names: list[str], folder: Path, sweep_dir: Path, overrides: list[str], launcher: str,
+                  launcher_args: list[str]) -> list[str]:
+    """The `tokenflow -m` command of the whole table (PNG frames forced on, as in-process runs)."""
+    cmd = [sys.executable, "-m", "tokenflow.cli", "-m", f"experiment={','.join(names)}",
+           f"hydra.searchpath=[file://{folder.resolve()}]", f"hydra.sweep.dir={sweep_dir.resolve()}", "progress=false"]
+    if launcher != "basic":
+        cmd.append(f"hydra/launcher={launcher}")
+    return cmd + list(launcher_args) + list(overrides) + ["output.png_frames=true"]
+
+
+def run_sweep(pairs: list[Pair], out_dir: Path | str, overrides: list[str], launcher: str, launcher_args: list[str],
+              modes: tuple[str, ...] = MODES) -> Path:
+    """Every cell as one job of one multirun on `launcher` -> the multirun folder (a job that fails
+    leaves no run.json: its row carries the error when collected)."""
+    if not pairs:
+        raise ValueError("no (video, prompt) pairs: give --pairs VIDEO::PROMPT or --pairs-file")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; Table 1 has {list(MODES)}")
+    out_dir = Path(out_dir)
+    check_inputs(pairs, [run_config(p, modes[0], list(overrides)) for p in pairs])
+    folder, sweep_dir = out_dir / "sweep_conf", out_dir / "multirun"
+    cmd = sweep_command(sweep_experiments(pairs, modes, folder), folder, sweep_dir, overrides, launcher, launcher_args)
+    print(f"[table1] {' '.join(cmd)}", file=sys.stderr)
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        print(f"[table1] the sweep exited with code {proc.returncode}; collecting what finished", file=sys.stderr)
+    return sweep_dir
+
+
+def job_method(cfg: dict) -> str:
+    """The Table 1 method of a run's config: its tokenflow.mode, tokenflow_released for the released rule."""
+    tf = cfg["tokenflow"]
+    return "tokenflow_released" if tf["mode"] == "tokenflow" and tf.get("propagation") == "released" else tf["mode"]
+
+
+def collect(multirun: Path | str, out_dir: Path | str, *, clip_model: str | None = None, flow: str = "dis") -> Table1:
+    """Score a finished multirun folder (one job folder per run, each with Hydra's .hydra/config.yaml)
+    into table1.md and table1.csv in out_dir."""
+    from omegaconf import OmegaConf
+
+    multirun, out_dir = Path(multirun), Path(out_dir)
+    jobs = sorted((p.parent.parent for p in multirun.rglob(".hydra/config.yaml")), key=lambda p: str(p))
+    if not jobs:
+        raise ValueError(f"{multirun}: no job folders (none holds .hydra/config.yaml): is it a tokenflow -m sweep dir?")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = {m[0]: m[1] for m in METHODS}
+    pairs: list[Pair] = []
+    rows, configs = [], []
+    for job in jobs:
+        resolved = job / "config.yaml"  # run_edit's, resolved; written only by a run that succeeded
+        cfg = OmegaConf.to_container(OmegaConf.load(resolved if resolved.is_file() else job / ".hydra" / "config.yaml"))
+        pair = Pair(str(cfg["video"]), str(cfg["prompt"]))
+        if pair not in pairs:
+            pairs.append(pair)
+        i, mode = pairs.index(pair), job_method(cfg)
+        configs.append(cfg)
+        row = Row("pair", str(i), pair.video, pair.prompt, mode, labels.get(mode, mode), run_dir=str(job))
+        if not (job / "run.json").is_file():
+            row.error = f"{job}: no run.json (the job failed or has not finished; see its log)"
+        else:
+            try:
+                row.metrics, row.memory_kind = run_metrics(job, source_frames(cfg), pair.prompt, None, flow)
+            except (ValueError, OSError, RuntimeError, KeyError) as e:
+                row.error = f"scoring: {type(e).__name__}: {e}"
+        if row.error:
+            print(f"[table1] {mode} on pair {i} failed: {row.error}", file=sys.stderr)
+        rows.append(row)
+    scored = [r for r in rows if not r.error]
+    clip = ClipScorer(clip_model, device="cpu")
+    if scored and clip_model is not None:
+        with clip.scoring():
+            for row in scored:
+                row.metrics["clip_score"] = clip(edited_frames(Path(row.run_dir)), row.prompt)
+    means = mean_rows(rows, len(pairs))
+    random = any(cfg["model"]["source"] == "tiny" for cfg in configs)
+    md = write_markdown(out_dir / "table1.md", means, pairs, [f"collected from {multirun}"], flow, random_weights=random)
+    return Table1(means=means, rows=rows, markdown=md, csv=write_csv(out_dir / "table1.csv", means + rows))
 
 
 if __name__ == "__main__":
