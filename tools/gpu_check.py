@@ -175,6 +175,9 @@ def check_unet_vs_diffusers(args, rows: list[Row], compiled: bool) -> None:
         pair = replace(pair, ours=torch.compile(pair.ours, backend=args.compile_backend),
                        reference=torch.compile(pair.reference, backend=args.compile_backend))
     for batch in args.batches:
+        if time.perf_counter() > args.deadline:  # compiling a full UNet per shape takes minutes: stop in time
+            rows.append(Row(label, f"batch {batch}", note="skipped: past --budget-s"))
+            continue
         case = bench.make_cases("unet", pair, batch, latent, DTYPES[args.dtype], args.device)[0]
         note = ""
         if compiled:  # the first calls compile: time them apart
@@ -300,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                      ("compile", lambda rows: check_keyframe_pass(args, rows, compiled=True))]
     rows: list[Row] = []
     start, failed = time.perf_counter(), 0
+    args.deadline = start + args.budget_s
     for name, run in sections:
         if name not in wanted:
             continue
