@@ -76,10 +76,11 @@ def read_audio_span(path: str, start: Fraction, end: Fraction) -> SourceAudio | 
             if codec in COPYABLE:
                 return _copy_packets(container, stream, SourceAudio(copy=True, **base))
             return _decode_samples(container, stream, SourceAudio(copy=False, **base))
-        except (av.FFmpegError, ValueError, TypeError) as e:
-            if isinstance(e, AudioUnreadable):
-                raise
-            raise AudioUnreadable(f"{path}: audio stream {stream.index} ({codec}) cannot be read ({e})") from None
+        except AudioUnreadable:
+            raise
+        except Exception as e:  # the sound is optional: whatever stops reading it must not stop the edit
+            raise AudioUnreadable(f"{path}: audio stream {stream.index} ({codec}) cannot be read "
+                                  f"({type(e).__name__}: {e})") from None
 
 
 def _copy_packets(container, stream, audio: SourceAudio) -> SourceAudio:

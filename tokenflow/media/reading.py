@@ -80,6 +80,7 @@ def read_video(
         for row, i in enumerate(wanted):
             sink.put([row], i, _decode_image(files[i]))
         rate, start_time, source = fps_override or DEFAULT_FOLDER_FPS, Fraction(0), sink.info
+        source.frame_rate = str(rate)
     else:
         wanted, rate, start_time, total, source = _read_file(path, sink, start, end, stride, max_frames, fps_override)
 
