@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from sampler.ddim import inversion_timesteps
 
-from .distributed import Ranks, rank_facts
+from .distributed import Ranks, rank_facts, remove_own_run_dir
 from .edit import MODES, EditSettings, PromptEmbeddings, edit_video_latents
 from .inversion import decode_latents, encode_frames, invert_frames
 from .inversion_cache import InversionCache, default_cache_root, model_file_stats, video_digest
@@ -498,7 +498,7 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
     ranks = Ranks.from_env(device)  # torchrun: this process edits a share of the frames, rank 0 writes
     if ranks is not None:
         ranks.check_mode(mode)
-        out_dir = ranks.broadcast(out_dir)
+        own_dir, out_dir = out_dir, ranks.broadcast(out_dir)  # rank 0's run dir (Hydra's is named by each rank's clock)
         cfg = {**cfg, "progress": bool(cfg.get("progress", True)) and ranks.is_root}
     show = bool(cfg.get("progress", True))
     memory = PeakMemory(device)
@@ -518,6 +518,7 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
         raise RunInterrupted(stage.replace("_", " "), cache, frames if cache else 0, frames) from None
     finally:
         if ranks is not None:
+            remove_own_run_dir(ranks, own_dir, out_dir)
             ranks.close()
 
 
