@@ -91,12 +91,15 @@ def test_two_ranks_give_the_single_process_latents(tmp_path, wolf):
 
 def test_torchrun_cli_writes_one_run_with_each_ranks_facts(tmp_path, wolf):
     args = [f"video={wolf}", *OVERRIDES, "output.png_frames=true", f"inversion.cache_dir={tmp_path / 'cache'}"]
-    proc = torchrun(["-m", "tokenflow.cli", *args, "hydra.run.dir=dist"], cwd=tmp_path)
+    # each rank's Hydra names a run dir by its own clock (microseconds here, so they differ)
+    proc = torchrun(["-m", "tokenflow.cli", *args, "hydra.run.dir=dist/${now:%H-%M-%S-%f}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = subprocess.run([sys.executable, "-m", "tokenflow.cli", *args, "hydra.run.dir=single", "inversion.cache=false"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert single.returncode == 0, single.stderr[-3000:]
-    facts = json.loads((tmp_path / "dist" / "run.json").read_text())
+    runs = list((tmp_path / "dist").iterdir())
+    assert len(runs) == 1  # rank 1's own folder (only Hydra's files) was removed; rank 0's holds the outputs
+    facts = json.loads((runs[0] / "run.json").read_text())
     assert facts["frames"] == 24
     assert [(r["rank"], r["frames"], r["first_frame"], r["last_frame"]) for r in facts["ranks"]] == [(0, 12, 0, 11), (1, 12, 12, 23)]
     assert all("editing" in r["timings_s"] and "inversion" in r["timings_s"] for r in facts["ranks"])
@@ -105,7 +108,7 @@ def test_torchrun_cli_writes_one_run_with_each_ranks_facts(tmp_path, wolf):
     def frames(run):
         return np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / run / "frames").glob("*.png"))]).astype(int)
 
-    a, b = frames("dist"), frames("single")
+    a, b = frames(runs[0].relative_to(tmp_path)), frames("single")
     assert a.shape == b.shape == (24, 64, 64, 3)
     assert np.abs(a - b).max() <= 1  # equal latents to 1e-5: at most a rounding step apart in uint8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "dist", "single"]  # one folder per run, no stray
