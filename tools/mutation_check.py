@@ -107,7 +107,8 @@ def failing_tests(root: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="python -m tools.mutation_check", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("only", nargs="*", help="run only the bugs whose name contains one of these")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if not args.only or any(o in m[0] for o in args.only)]
