@@ -165,7 +165,7 @@ def _run(cfg) -> None:
     from omegaconf import OmegaConf
 
     from .models.loading import ModelNotAvailable
-    from .pipeline import RunInterrupted, run_edit
+    from .pipeline import RunInterrupted, device_error_line, run_edit
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -179,6 +179,12 @@ def _run(cfg) -> None:
         what = str(e) if isinstance(e, RunInterrupted) else "interrupted"
         print(f"\n{what} ({_remove_failed_run_dir(out_dir)})", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)
+    except RuntimeError as e:  # from the device (CUDA start, an index, out of memory): one line; bugs keep their traceback
+        line = device_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line} ({_remove_failed_run_dir(out_dir)})", file=sys.stderr)
+        sys.exit(2)
     print(f"[tokenflow] {facts.frames} frames {facts.size[1]}x{facts.size[0]} at {facts.fps:g} fps; "
           f"seconds per frame: {facts.seconds_per_frame}")
     for name, path in facts.outputs.items():

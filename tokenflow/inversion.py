@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from sampler.ddim import invert
+from sampler.ddim import invert, state_dtype
 from sampler.schedule import Schedule
 from unet.model import UNet
 from vae.model import VAE
@@ -23,20 +23,33 @@ from .inversion_cache import InversionCache
 Progress = Callable[[int], None]  # called with the number of frame-steps just finished
 
 
+def encode_batch(vae: VAE, images: Tensor) -> Tensor:
+    """One batch: images [b, 3, H, W] in [-1, 1] (any device) -> scaled latents [b, 4, H/8, W/8] in
+    float32 on the VAE's device: they start the DDIM state (see sampler.ddim.state_dtype)."""
+    param = next(vae.parameters())
+    mean = vae.encode(images.to(param.device, param.dtype))[0]  # the posterior mean
+    return vae.scale_latents(mean.to(state_dtype(mean.dtype)))
+
+
+def decode_batch(vae: VAE, latents: Tensor) -> Tensor:
+    """One batch: scaled latents [b, 4, h, w] (any float dtype) -> images [b, 3, 8h, 8w] in the
+    VAE's dtype, on its device. The decoder's full-resolution activations set the VAE's memory peak:
+    the batch size bounds it (tools.memory_estimate counts it)."""
+    return vae.decode(vae.unscale_latents(latents).to(next(vae.parameters()).dtype))
+
+
 @torch.no_grad()
 def encode_frames(vae: VAE, images: Tensor, batch_size: int) -> Tensor:
-    """images [n, 3, H, W] in [-1, 1] -> scaled clean latents [n, 4, H/8, W/8] (posterior mean;
-    TokenFlow does not sample the posterior)."""
-    dtype = next(vae.parameters()).dtype
-    device = next(vae.parameters()).device
-    out = [vae.encode(images[b].to(device, dtype))[0] for b in batches(images.shape[0], batch_size)]
-    return vae.scale_latents(torch.cat(out))
+    """images [n, 3, H, W] in [-1, 1] -> scaled clean latents [n, 4, H/8, W/8], float32 (posterior
+    mean; TokenFlow does not sample the posterior), `batch_size` frames per VAE forward."""
+    return torch.cat([encode_batch(vae, images[b]) for b in batches(images.shape[0], batch_size)])
 
 
 @torch.no_grad()
 def decode_latents(vae: VAE, latents: Tensor, batch_size: int) -> Tensor:
-    """scaled latents [n, 4, h, w] -> images [n, 3, 8h, 8w] in [-1, 1] (float32, on the CPU)."""
-    return torch.cat([vae.decode(vae.unscale_latents(latents[b])).float().cpu() for b in batches(latents.shape[0], batch_size)])
+    """scaled latents [n, 4, h, w] (any float dtype) -> images [n, 3, 8h, 8w] in [-1, 1] (float32, on
+    the CPU), `batch_size` latents per VAE forward."""
+    return torch.cat([decode_batch(vae, latents[b]).cpu().float() for b in batches(latents.shape[0], batch_size)])
 
 
 @torch.no_grad()
@@ -48,7 +61,8 @@ def invert_frames(
     """DDIM inversion of every frame, without guidance (scale 1, the inversion prompt), as the paper.
 
     clean: [n, 4, h, w] scaled latents; prompt: [1, 77, C]. Returns {t: [n, 4, h, w]} on the CPU for
-    every t in keep_timesteps. Frames found in `cache` are loaded, the others computed and saved.
+    every t in keep_timesteps, in float32 whatever the UNet's dtype (the DDIM state; only the UNet
+    runs in a reduced dtype). Frames found in `cache` are loaded, the others computed and saved.
     Runs inverting the same clip into one cache at once share the work: each computes the frames it
     claims and waits for (then loads) the frames another run claimed (see InversionCache.claim).
     """
@@ -56,7 +70,7 @@ def invert_frames(
     todo = list(range(n)) if cache is None else cache.missing(list(range(n)))
     if on_reuse is not None and len(todo) < n:
         on_reuse(n - len(todo))
-    result = {t: torch.empty(n, *clean.shape[1:], dtype=clean.dtype) for t in keep_timesteps}
+    result = {t: torch.empty(n, *clean.shape[1:], dtype=state_dtype(clean.dtype)) for t in keep_timesteps}
     computed: set[int] = set()
     while todo:
         mine = todo if cache is None else cache.claim(todo)
@@ -77,23 +91,28 @@ def invert_frames(
 
 def _invert_into(result, unet, schedule, clean, prompt, todo, inversion_steps, keep_timesteps, batch_size, cache, on_progress):
     """Invert frames `todo` of `clean` into `result` {t: [n, ...]} (and the cache, frame by frame)."""
+    dtype = next(unet.parameters()).dtype
     for frames in batches(len(todo), batch_size):
         frames = [todo[i] for i in frames]
-        context = prompt.expand(len(frames), -1, -1).to(clean)
+        context = prompt.expand(len(frames), -1, -1).to(clean.device, dtype)
 
         def model_fn(x, t, context=context):
-            out = unet(x, t, context)
+            out = unet(x.to(dtype), t, context)  # the UNet in its dtype; invert keeps x in float32
             if on_progress is not None:
                 on_progress(len(frames))
             return out
 
         kept = invert(model_fn, clean[frames], schedule, inversion_steps, keep_timesteps)
-        for t, x in kept.items():
-            if not torch.isfinite(x).all():
+        # one blocking device-to-host copy per batch: [T, b, 4, h, w]; the checks, the result and
+        # the cache files all read this host copy (not one copy per frame and timestep)
+        host = torch.stack([kept[t] for t in keep_timesteps]).cpu()
+        del kept
+        for k, t in enumerate(keep_timesteps):
+            if not torch.isfinite(host[k]).all():
                 raise FloatingPointError(f"inversion: non-finite latents at t={t} for frames {frames}")
-            result[t][frames] = x.cpu()
+            result[t][frames] = host[k]
         if cache is not None:
             for j, i in enumerate(frames):
-                cache.save(i, {t: kept[t][j].cpu() for t in keep_timesteps})
+                cache.save(i, {t: host[k, j] for k, t in enumerate(keep_timesteps)})
             cache.release(frames)
             cache.refresh(todo)

@@ -78,8 +78,42 @@ def pick_device(name: str) -> str:
     if name == "cuda" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         return f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU per rank of this machine
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name}: CUDA is not available on this machine; use device=cpu")
+        raise DeviceError(f"device={name}: CUDA is not available on this machine; use device=cpu")
     return name
+
+
+class DeviceError(RuntimeError):
+    """The device `device=` names cannot be used: no CUDA, no such index, CUDA failed to start."""
+
+
+def init_device(device: str) -> None:
+    """Initialise CUDA for `device` before anything asks it for memory statistics: plain "cuda"
+    initialises CUDA on first use, but with an index ("cuda:0", a torchrun rank's device) the
+    allocator's statistics raise "Invalid device argument: did you call init?" until something has."""
+    if not device.startswith("cuda"):
+        return
+    try:
+        torch.cuda.init()
+        index, count = torch.device(device).index, torch.cuda.device_count()
+    except RuntimeError as e:
+        raise DeviceError(f"device={device}: CUDA could not be started ({str(e).strip().splitlines()[0]})") from e
+    if index is not None and not 0 <= index < count:
+        raise DeviceError(f"device={device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def device_error_line(error: BaseException) -> str | None:
+    """One line for an error that comes from the device (CUDA), None for any other: a DeviceError,
+    CUDA running out of memory, a RuntimeError that names CUDA. Bugs keep their traceback."""
+    if isinstance(error, DeviceError):
+        return str(error)
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "CUDA out of memory"
+        return (f"{first} (fewer frames per forward: tokenflow.batch_size, inversion.batch_size; "
+                "tokenflow.ff_chunk, tokenflow.query_chunk; see python -m tools.memory_estimate)")
+    text = str(error).strip()
+    if isinstance(error, RuntimeError) and ("CUDA" in text or "did you call init" in text):
+        return f"device error: {text.splitlines()[0]}"
+    return None
 
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
@@ -250,6 +284,7 @@ class PeakMemory:
         self.device = device
         self.rss_is_per_run = _reset_rss_peak()
         if device.startswith("cuda"):
+            init_device(device)  # before the reset: an indexed device's statistics need CUDA started
             torch.cuda.reset_peak_memory_stats(device)
 
     def report(self) -> dict[str, float]:
@@ -269,9 +304,12 @@ class PeakMemory:
 
 
 class Stopwatch:
-    """Seconds per named stage, in order."""
+    """Seconds per named stage, in order. On a GPU each lap first waits for the device's queued
+    work (CUDA runs asynchronously: the last VAE batch would otherwise be booked to the next stage);
+    laps mark stage boundaries only, never steps of a loop, so this costs one sync per stage."""
 
-    def __init__(self):
+    def __init__(self, device: str | None = None):
+        self.device = device
         self.timings: dict[str, float] = {}
         self._clock = time.perf_counter()
         self.started = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -279,6 +317,8 @@ class Stopwatch:
         self.frames: int | None = None
 
     def lap(self, stage: str) -> None:
+        if self.device is not None and self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.timings[stage] = round(now - self._clock, 3)
         self._clock = now
@@ -316,9 +356,9 @@ def prepare_source(
     more). `invert=False` stops after encoding (the reconstruction baseline). `ranks` (torchrun):
     this process encodes and inverts only its share of the frames (src.shard; clean and source
     latents hold its rows only). Writes nothing but the caches (inversion, generated sample clip)."""
-    watch = stopwatch or Stopwatch()
-    show = bool(cfg.get("progress", True))
     device = pick_device(cfg["device"])
+    watch = stopwatch or Stopwatch(device)
+    show = bool(cfg.get("progress", True))
     dtype = pick_dtype(cfg["dtype"], device)
     video = load_video(cfg)
     for note in video.notes:
@@ -502,7 +542,7 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
         cfg = {**cfg, "progress": bool(cfg.get("progress", True)) and ranks.is_root}
     show = bool(cfg.get("progress", True))
     memory = PeakMemory(device)
-    watch = Stopwatch()
+    watch = Stopwatch(device)
     random_weights = random_weights_warning(cfg)
     if random_weights:
         print(f"[tokenflow] warning: {random_weights}", file=sys.stderr)

@@ -116,7 +116,7 @@ def original_tokens(src: SourceVideo, positions: list[int], step: int, layer: st
     check_step(step, len(src.timesteps))
     check_layer(src.models.unet, layer)
     t = src.timesteps[step]
-    x = src.source_latents[t][positions].to(src.device)
+    x = src.source_latents[t][positions].to(src.device, src.dtype)  # float32 DDIM state -> the UNet's dtype
     recorder = TokenRecorder(layer)
     with torch.no_grad():
         src.models.unet(x, t, src.prompts.source.expand(len(positions), -1, -1).to(x.dtype), recorder)
