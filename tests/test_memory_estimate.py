@@ -86,3 +86,24 @@ def test_cli_prints_the_table_and_rejects_bad_sizes(tmp_path, capsys):
     assert "size a multiple of 64, got 16 and 100" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--frames", "0"])
+
+
+def test_vae_stages_are_counted_and_bounded_by_the_vae_batch_not_the_frames(small):
+    """The VAE's batches (inversion.batch_size frames per forward) peak at full resolution: the
+    decoder's last level holds an upsampled 256-channel map and 128-channel activations of every
+    frame of the batch; frames beyond the batch add nothing."""
+    eight, also_eight = small[24], small[48]  # both at the default batch of 8 frames
+    four = estimate(24, size=64, keyframe_interval=8, batch_size=4, inversion_batch_size=4)
+    assert eight.vae_batch_size == 8 and four.vae_batch_size == 4
+    assert eight.vae_decode_peak_gib == also_eight.vae_decode_peak_gib
+    assert eight.vae_encode_peak_gib == also_eight.vae_encode_peak_gib
+    assert 1.9 < eight.vae_decode_peak_gib / four.vae_decode_peak_gib < 2.1
+    assert 1.9 < eight.vae_encode_peak_gib / four.vae_encode_peak_gib < 2.1
+    full_res = 64 * 64 * 2  # bytes per channel of one float16 frame at 64 px
+    assert eight.vae_decode_peak_gib * 2**30 >= 8 * (256 + 128) * full_res
+    assert eight.vae_encode_peak_gib * 2**30 >= 8 * (3 + 128 + 128) * full_res  # image copy, conv_in, first resnet
+    largest = max(eight.keyframe_pass_peak_gib, eight.propagation_peak_gib, eight.inversion_peak_gib,
+                  eight.vae_encode_peak_gib, eight.vae_decode_peak_gib)
+    assert eight.total_gib == pytest.approx(eight.weights_gib + eight.latents_gib + largest)
+    # the loop's latents are the float32 DDIM state: current, original x_t, clean
+    assert eight.latents_gib * 2**30 == 3 * 24 * 4 * 8 * 8 * 4

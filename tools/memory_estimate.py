@@ -21,9 +21,13 @@ allocator's fragmentation; the budget check leaves `--overhead-gib` (default 1.5
 
 Rows: one per frame count. Columns: weights (UNet + VAE + text encoder in the dtype), the latents
 the loop holds on the device (current, next, the step's x_t of the original video, the clean
-latents), T_base and the original features recorded by the keyframe pass (kept for the whole
-propagation pass), and the peaks of the keyframe pass, of the propagation pass and of one
-inversion forward, each above what was live before it.
+latents; float32, the DDIM state), T_base and the original features recorded by the keyframe pass
+(kept for the whole propagation pass), and the peaks of the keyframe pass, of the propagation pass,
+of one inversion forward and of one VAE encode and one VAE decode batch (`inversion.batch_size`
+frames: the pipeline's VAE stages use that batch size), each above what was live before it. The
+VAE's full-resolution activations do not depend on the frame count, only on that batch size, so
+at short clips they, not the edit, set the peak. The VAE's single 512-wide attention head is counted
+as the memory-efficient fused kernel holds it (flash takes heads up to 256 wide only).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from clip_text.model import TextConfig, TextEncoder
 from sampler.schedule import Schedule
 from tokenflow.controls import EditControl, KeyframeTokens
 from tokenflow.edit import MODES, EditSettings, PromptEmbeddings, denoise_step, keyframes_at
+from tokenflow.inversion import decode_batch, encode_batch
 from unet.model import UNet, UNetConfig
 from vae.model import VAE, VAEConfig
 
@@ -131,7 +136,10 @@ class Estimate:
     keyframe_pass_peak_gib: float  # the step's own tensors at their highest (above weights + latents)
     propagation_peak_gib: float  # the same, during the propagation pass (the recorded tokens included)
     inversion_peak_gib: float  # one inversion forward of inversion.batch_size frames
+    vae_encode_peak_gib: float  # one VAE encode of inversion.batch_size frames (the images' copy included)
+    vae_decode_peak_gib: float  # one VAE decode of inversion.batch_size latents
     total_gib: float  # weights + latents + the highest of the peaks
+    vae_batch_size: int = 8  # frames per VAE forward (inversion.batch_size)
 
 
 def _tiny_text() -> TextConfig:
@@ -183,7 +191,9 @@ def estimate(
     def meta(*shape):
         return torch.empty(*shape, device="meta", dtype=torch_dtype)
 
-    latents, source, clean = meta(frames, 4, latent, latent), meta(frames, 4, latent, latent), meta(frames, 4, latent, latent)
+    # the DDIM state (current latents, the step's x_t of the original, the clean latents) is float32
+    # whatever the model's dtype; only the UNet's input is cast to it
+    latents, source, clean = (torch.empty(frames, 4, latent, latent, device="meta") for _ in range(3))
     emb = meta(1, 77, unet.config.cross_attention_dim)
     prompts = PromptEmbeddings(emb, emb, emb)
     schedule = Schedule()
@@ -202,7 +212,7 @@ def estimate(
             tracker.start_phase("extended attention over all frames")
         return EditControl(n, **kwargs)
 
-    tracker.preexisting([*unet.parameters(), latents, source, clean, emb])
+    tracker.preexisting([*unet.parameters(), *vae.parameters(), latents, source, clean, emb])
     with torch.no_grad(), FusedAttention(), tracker:
         new = denoise_step(unet, schedule, settings, prompts, latents, source, 981, 961,
                            settings.injection(0, 50), keyframes, make_control=make_control)
@@ -212,7 +222,17 @@ def estimate(
         # one inversion forward (a single branch, inversion prompt) of a batch of frames
         tracker.start_phase("inversion")
         b = min(inversion_batch_size, frames)
-        unet(latents[:b], 1, emb.expand(b, -1, -1))
+        unet(latents[:b].to(torch_dtype), 1, emb.expand(b, -1, -1))
+        # the VAE stages, as the pipeline runs them: inversion.batch_size frames per forward; the
+        # images come from host memory (not counted), their device copy is
+        tracker.start_phase("vae encode")
+        images = torch.empty(b, 3, size, size, device="meta")
+        tracker.preexisting([images])
+        encoded = encode_batch(vae, images)
+        del encoded, images
+        tracker.start_phase("vae decode")
+        decoded = decode_batch(vae, latents[:b])
+        del decoded
     held = _bytes([latents, source, clean])
     peaks = tracker.phase_peaks
     gib = lambda x: x / GIB  # noqa: E731
@@ -222,7 +242,8 @@ def estimate(
         weights_gib=gib(weights), latents_gib=gib(held), recorded_gib=gib(record_bytes),
         keyframe_pass_peak_gib=gib(peaks.get("keyframe pass", peaks.get("extended attention over all frames", 0))),
         propagation_peak_gib=gib(peaks.get("propagation pass", 0)),
-        inversion_peak_gib=gib(peaks["inversion"]), total_gib=gib(weights + held + largest),
+        inversion_peak_gib=gib(peaks["inversion"]), vae_encode_peak_gib=gib(peaks["vae encode"]),
+        vae_decode_peak_gib=gib(peaks["vae decode"]), total_gib=gib(weights + held + largest), vae_batch_size=b,
     )
 
 
@@ -233,18 +254,19 @@ def markdown(rows: list[Estimate], budget_gib: float, overhead_gib: float) -> st
     r0 = rows[0]
     lines = [
         f"Estimated device memory, GiB ({r0.dtype}, {r0.size}x{r0.size}, mode {r0.mode}; "
-        f"budget {budget_gib:g} GiB with {overhead_gib:g} GiB left for CUDA context and fragmentation)",
+        f"budget {budget_gib:g} GiB with {overhead_gib:g} GiB left for CUDA context and fragmentation; "
+        f"VAE and inversion batches of {r0.vae_batch_size} frames)",
         "",
         "| frames | keyframes | weights | latents | recorded tokens | keyframe pass peak | propagation peak "
-        "| inversion peak | total | fits |",
-        "|" + "---|" * 10,
+        "| inversion peak | VAE encode peak | VAE decode peak | total | fits |",
+        "|" + "---|" * 12,
     ]
     for r in rows:
         fits = "yes" if r.total_gib + overhead_gib <= budget_gib else "no"
         lines.append(
             f"| {r.frames} | {r.keyframes} | {r.weights_gib:.2f} | {r.latents_gib:.2f} | {r.recorded_gib:.2f} "
             f"| {r.keyframe_pass_peak_gib:.2f} | {r.propagation_peak_gib:.2f} | {r.inversion_peak_gib:.2f} "
-            f"| {r.total_gib:.2f} | {fits} |"
+            f"| {r.vae_encode_peak_gib:.2f} | {r.vae_decode_peak_gib:.2f} | {r.total_gib:.2f} | {fits} |"
         )
     return "\n".join(lines) + "\n"
 
