@@ -110,3 +110,15 @@ def test_unreadable_sound_still_gets_its_edit_with_a_warning(tmp_path, aac_clip)
     assert video_seconds(out / "edited.mp4") == Fraction(COUNT * STRIDE, FPS)
     run = json.loads((out / "run.json").read_text())
     assert any("audio stream 1 (aac) cannot be read" in w and "without sound" in w for w in run["warnings"]), run["warnings"]
+
+
+def test_output_fps_other_than_the_sources_drops_the_sound_and_says_so(tmp_path, aac_clip):
+    # the released TokenFlow code writes at a fixed rate: output.fps=N; the source plays at 15/2 here
+    out, facts = edit(tmp_path, aac_clip, "output.fps=30", "tokenflow.mode=reconstruction")
+    for name in ("edited.mp4", "side_by_side.mp4"):
+        assert stream_types(out / name) == ["video"], name
+        assert video_seconds(out / name) == Fraction(COUNT, 30)  # same frames, 4x as fast
+    assert facts.fps == 30.0
+    assert any("output.fps=30" in w and "without the sound" in w for w in facts.warnings)
+    same, facts = edit(tmp_path / "same", aac_clip, "output.fps=7.5", "tokenflow.mode=reconstruction")
+    assert stream_types(same / "edited.mp4") == ["video", "audio"] and not any("output.fps" in w for w in facts.warnings)

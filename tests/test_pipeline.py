@@ -112,6 +112,7 @@ def test_long_prompt_is_truncated_with_a_recorded_warning(tmp_path, clip):
     ("frames.start=50", ValueError),  # zero frames selected
     ("size=[100,100]", ValueError),  # not a multiple of 64
     ("tokenflow.mode=magic", ValueError),
+    ("output.fps=0", ValueError),
 ])
 def test_bad_input_fails_before_writing_anything(tmp_path, clip, override, error):
     out = tmp_path / "run"

@@ -20,6 +20,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -202,6 +203,28 @@ class RunInterrupted(KeyboardInterrupt):
 
 def _cached_frames(cache, n: int) -> int:
     return 0 if cache is None else n - len(cache.missing(list(range(n))))
+
+
+def check_output_fps(value) -> None:
+    """output.fps: null (the source's rate) or a positive number of frames per second."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ValueError(f"output.fps must be null (the source's rate, fps / frames.stride) or a number > 0, got {value!r}")
+
+
+def output_fps(cfg, video: Video) -> tuple[Fraction, str | None]:
+    """The rate the videos are written at, and a warning when it costs the sound. By default the
+    source's (fps / frames.stride: the clip plays at the source's speed); output.fps=N writes at N
+    (the released TokenFlow code writes at a fixed 10, 20 or 30). At any other rate than the
+    source's the sound is left out: it would play at its own speed, out of step with the frames."""
+    wanted = cfg["output"].get("fps")
+    check_output_fps(wanted)
+    if wanted is None:
+        return video.output_fps, None
+    fps = Fraction(wanted).limit_denominator(1001)
+    if fps == video.output_fps or video.audio is None or not cfg["output"].get("audio", True):
+        return fps, None
+    return fps, (f"output.fps={wanted} differs from the source's {float(video.output_fps):g} fps: the videos play "
+                 f"{float(fps / video.output_fps):.3g}x as fast and are written without the sound, which could not stay in sync")
 
 
 def check_prompt(prompt, what: str) -> str:
@@ -508,10 +531,11 @@ def write_outputs(stage: StagedOutputs, cfg, src: SourceVideo, edited: torch.Ten
     `edited`: uint8 [n, H, W, 3] decoded edit."""
     from omegaconf import OmegaConf
 
-    fps, crf = src.video.output_fps, cfg["output"]["crf"]
+    (fps, lost_sound), crf = output_fps(cfg, src.video), cfg["output"]["crf"]
     outputs = {"config": stage.final("config.yaml"), "edited": stage.final("edited.mp4")}
     stage.path("config.yaml").write_text(OmegaConf.to_yaml(cfg))  # the resolved config this run ran with
-    audio = src.video.audio if cfg["output"].get("audio", True) else None  # the edited span's sound
+    keep_sound = cfg["output"].get("audio", True) and not lost_sound
+    audio = src.video.audio if keep_sound else None  # the edited span's sound
     _readable(write_video(stage.path("edited.mp4"), edited, fps, crf=crf, audio=audio))
     if cfg["output"]["side_by_side"]:
         _readable(write_video(stage.path("side_by_side.mp4"), side_by_side(src.frames, edited), fps, crf=crf, audio=audio))
@@ -533,6 +557,7 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
     # cheap checks first: nothing runs (or is written) for a bad mode, fraction, strength or prompt
     settings = None if is_reconstruction else edit_settings(cfg)
     prompt = cfg["prompt"] if is_reconstruction else check_prompt(cfg["prompt"], "prompt")
+    check_output_fps(cfg["output"].get("fps"))
     device = pick_device(cfg["device"])
     pick_dtype(cfg["dtype"], device)
     ranks = Ranks.from_env(device)  # torchrun: this process edits a share of the frames, rank 0 writes
@@ -571,13 +596,14 @@ def _run_edit(cfg, out_dir: Path, settings, prompt: str, show: bool, memory: Pea
     video, models, n = src.video, src.models, src.frames.shape[0]
     facts = RunFacts(
         video=str(video.path), frames=n, source_indices=list(video.indices), size=[video.height, video.width],
-        fps=float(video.output_fps), notes=list(video.notes), model=str(cfg["model"]["source"]),
+        fps=float(output_fps(cfg, video)[0]), notes=list(video.notes), model=str(cfg["model"]["source"]),
         mode=cfg["tokenflow"]["mode"], method=cfg["method"]["name"], prompt=prompt, device=src.device,
         dtype=str(src.dtype).replace("torch.", ""), inversion_cache=src.inversion_cache,
         inversion_frames_reused=src.inversion_frames_reused, warnings=[w for w in (random_weights, *src.warnings) if w],
         source=asdict(video.source),
     )
     facts.warnings += video.warnings  # e.g. a sound track that cannot be read
+    facts.warnings += [w for w in [output_fps(cfg, video)[1]] if w]  # output.fps away from the source's rate
 
     if is_reconstruction:
         edited_latents = src.clean
