@@ -13,7 +13,7 @@ of step s come from `keyframes_at`, the same pure function of (seed, step) the e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -152,6 +152,9 @@ def edited_tokens(src: SourceVideo, settings: EditSettings, positions: list[int]
     check_layer(unet, layer)
     if settings.mode not in ("per_frame", "tokenflow", "fixed_keyframes"):
         raise ValueError(f"feature capture supports the per_frame, tokenflow and fixed_keyframes modes, not {settings.mode!r}")
+    # every frame's tokens come from the propagation pass, keyframes included: the pass that keyframe
+    # reuse skips for them (the same latents either way, to float rounding)
+    settings = replace(settings, reuse_keyframes=False)
     _, run_timesteps = edit_start(settings, schedule, src.timesteps, src.source_latents, src.clean)
     check_step(step, len(run_timesteps))
     # per-frame edits are independent: the chosen frames alone give their exact latents; propagation
