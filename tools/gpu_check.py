@@ -268,7 +268,7 @@ def describe(device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--video", type=Path, default=DEFAULT_VIDEO)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
