@@ -9,7 +9,7 @@ import pytest
 from tools import gpu_check
 
 WOLF = Path(__file__).resolve().parents[2] / "shared" / "data" / "wolf.mp4"
-TINY = ["--device", "cpu", "--tiny", "--dtype", "float32", "--frames", "4", "--size", "64", "--steps", "1",
+TINY = ["--device", "cpu", "--model", "tiny", "--dtype", "float32", "--frames", "4", "--size", "64", "--steps", "1",
         "--inversion-steps", "1", "--batches", "3", "--keyframes", "2", "--repeats", "1", "--compile-backend", "eager",
         "--budget-s", "100000"]
 

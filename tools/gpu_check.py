@@ -2,7 +2,7 @@
 
     python -m tools.gpu_check                                   # ../shared/data/wolf.mp4, cuda, float16
     python -m tools.gpu_check --video /work/shared/data/wolf.mp4 --markdown gpu.md
-    python -m tools.gpu_check --device cpu --tiny               # the same code paths, tiny configs (tests)
+    python -m tools.gpu_check --device cpu --model tiny         # the same code paths, tiny configs (tests)
 
 Sections, each timed (CUDA synchronised), each in its own try so one failure still prints the rest:
 1. `edit`: the 40-frame wolf clip at 512x512 in float16 through the pipeline's own stages (read,
@@ -80,7 +80,7 @@ class Stage:
 
 def build_models(tiny: bool, device: str, dtype: torch.dtype):
     """SD-2.1-base's UNet, VAE and text encoder with random weights, built on the device (no
-    download, no file); --tiny: the project's tiny model."""
+    download, no file); --model tiny: the project's tiny model."""
     from dataclasses import replace as dc_replace
 
     from clip_text.model import TextConfig, TextEncoder
@@ -128,7 +128,7 @@ def check_edit(args, rows: list[Row]) -> None:
         video = load_video(cfg)
     row("read video", st, f"{video.num_frames} frames {video.width}x{video.height}")
     with Stage(args.device) as st:
-        models = build_models(args.tiny, args.device, dtype)
+        models = build_models(args.model == "tiny", args.device, dtype)
         models.unet.set_feed_forward_chunk(cfg["tokenflow"]["ff_chunk"])
     row("build random models", st, "no download")
     bs = cfg["inversion"]["batch_size"]
@@ -167,8 +167,8 @@ def check_unet_vs_diffusers(args, rows: list[Row], compiled: bool) -> None:
     """Section 2 (4): ours vs diffusers' UNet forward at batch 3 and 24."""
     from tools import bench
 
-    config = "tiny" if args.tiny else "full"
-    latent = 8 if args.tiny else 64
+    config = "tiny" if args.model == "tiny" else "full"
+    latent = 8 if args.model == "tiny" else 64
     pair = bench.unet_pair(config, DTYPES[args.dtype], args.device)
     label = "unet vs diffusers" + (" (torch.compile)" if compiled else "")
     if compiled:
@@ -202,10 +202,10 @@ def check_keyframe_pass(args, rows: list[Row], compiled: bool) -> None:
 
     dtype = DTYPES[args.dtype]
     k, interval = args.keyframes, 8
-    models = build_models(args.tiny, args.device, dtype)
+    models = build_models(args.model == "tiny", args.device, dtype)
     models.unet.set_feed_forward_chunk(16384)
     unet = torch.compile(models.unet, backend=args.compile_backend) if compiled else models.unet
-    latent = 8 if args.tiny else 64
+    latent = 8 if args.model == "tiny" else 64
     g = torch.Generator().manual_seed(0)
     x = torch.randn(k, 4, latent, latent, generator=g).to(args.device, dtype)
     src = torch.randn(k, 4, latent, latent, generator=g).to(args.device, dtype)
@@ -236,7 +236,7 @@ def check_keyframe_pass(args, rows: list[Row], compiled: bool) -> None:
         del tokens
         times.append(st.seconds)
         peak = st.peak_mib if peak is None or st.peak_mib is None else max(peak, st.peak_mib)
-    model = "tiny" if args.tiny else "sd21_base"
+    model = "tiny" if args.model == "tiny" else "sd21_base"
     est = memory_estimate.estimate(k * interval, size=latent * 8, dtype=args.dtype, keyframe_interval=interval, model=model)
     est_mib = est.keyframe_pass_peak_gib * 1024
     versus = f"memory_estimate {est_mib:.0f} MiB ({est.keyframes} keyframes of {est.frames} frames)"
@@ -249,7 +249,7 @@ def check_keyframe_pass(args, rows: list[Row], compiled: bool) -> None:
 
 def markdown(rows: list[Row], args, machine: str) -> str:
     lines = [f"## tools.gpu_check on {machine}", "",
-             f"dtype {args.dtype}; video {args.video}; {'TINY configs' if args.tiny else 'full-size SD-2.1-base, random weights'}", "",
+             f"dtype {args.dtype}; video {args.video}; {'TINY configs' if args.model == 'tiny' else 'full-size SD-2.1-base, random weights'}", "",
              "| section | what | seconds | peak MiB | versus | note |", "|---|---|---|---|---|---|"]
     for r in rows:
         secs = "" if r.seconds is None else f"{r.seconds:.3f}"
@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video", type=Path, default=DEFAULT_VIDEO)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
-    p.add_argument("--tiny", action="store_true", help="tiny configs (a CPU test of every code path)")
+    p.add_argument("--model", choices=("sd21_base", "tiny"), default="sd21_base",
+                   help="sd21_base: the full-size SD-2.1-base with random weights; tiny: tiny configs (a CPU test of every code path)")
     p.add_argument("--frames", type=int, default=40)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: no CUDA device here; run on a GPU machine, or --device cpu --tiny for the code paths", file=sys.stderr)
+        print("error: no CUDA device here; run on a GPU machine, or --device cpu --model tiny for the code paths", file=sys.stderr)
         return 2
     if not args.video.is_file():
         print(f"error: {args.video}: no such video (--video PATH; the default is ../shared/data/wolf.mp4 beside the repo)",
