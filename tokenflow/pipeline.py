@@ -37,7 +37,7 @@ from .media import READER_VERSION, Video, from_model_range, read_video, side_by_
 
 RECONSTRUCTION = "reconstruction"  # Table 1's "LDM recon.": encode and decode only, no edit
 ALL_MODES = (*MODES, RECONSTRUCTION)  # every tokenflow.mode conf/config.yaml documents
-RANDOM_WEIGHTS_WARNING = ("model=tiny has random weights: the output is noise, not an edit; this run shows that the "
+RANDOM_WEIGHTS_WARNING = ("the tiny models (model=tiny, model=tiny_sd15) have random weights: the output is noise, not an edit; this run shows that the "
                           "pipeline works end to end, not what TokenFlow does (real weights: the default model=sd21_base)")
 # the stages of a run, in order, as the Stopwatch names them (the first one without a time is running)
 STAGES = ("read_video", "load_models", "encode", "encode_prompts", "inversion", "editing", "decode", "write")
