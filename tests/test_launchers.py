@@ -90,10 +90,15 @@ def test_table1_runs_its_cells_as_a_joblib_sweep_and_collects_the_folder(tmp_pat
     out = tmp_path / "t1"
     prompt = "a watercolor painting, it's ${not} interpolated"
     args = ["--pairs", f"sample::{prompt}", "--methods", "reconstruction,per_frame", "--no-clip", "--out-dir", str(out),
-            "--model", "tiny", "--size", "64", "--steps", "2", "--max-frames", "4", "inversion.steps=4", "device=cpu"]
+            "--model", "tiny", "--size", "64", "--steps", "2", "--max-frames", "4", "inversion.steps=4", "device=cpu",
+            "negative_prompt=blurry, it's low res"]  # a prompt override, as typed: reaches the jobs unquoted
     assert main([*args, "--sweep", "joblib", "--launcher-arg", "hydra.launcher.n_jobs=2"]) == 0
     jobs = sorted(p.name for p in (out / "multirun").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert jobs == ["0", "1"]
+    import yaml
+
+    for job in jobs:
+        assert yaml.safe_load((out / "multirun" / job / ".hydra" / "config.yaml").read_text())["negative_prompt"] == "blurry, it's low res"
 
     def cells():
         with open(out / "table1.csv") as f:

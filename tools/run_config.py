@@ -57,8 +57,10 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                         help="Hydra overrides of conf/config.yaml, as for the tokenflow command, e.g. inversion.steps=20 device=cpu")
 
 
-def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """The overrides the shared flags stand for, in front of the user's free overrides."""
+def flag_overrides(args: argparse.Namespace, *, for_tokenflow_command: bool = False) -> list[str]:
+    """The overrides the shared flags stand for, in front of the user's free overrides: prepared as
+    Hydra's compose reads them, or (for_tokenflow_command) as typed, for a `tokenflow` command line,
+    which prepares them itself (preparing twice would quote a prompt twice)."""
     out = []
     if args.model is not None:
         out.append(model_override(args.model))
@@ -74,7 +76,8 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     # as the tokenflow command reads them: prompts taken literally, <key>_file= read, unknown keys refused
     from tokenflow.cli import prepare_argv
 
-    return out + prepare_argv(list(args.overrides))
+    prepared = prepare_argv(list(args.overrides))  # also refuses unknown keys and unreadable prompt files
+    return out + (list(args.overrides) if for_tokenflow_command else prepared)
 
 
 def compose_config(overrides: list[str]) -> dict:

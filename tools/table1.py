@@ -445,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         clip_model = None if args.no_clip else args.clip_model
         modes = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         if args.sweep:
-            args.collect = str(run_sweep(pairs, args.out_dir, flag_overrides(args), args.sweep, args.launcher_arg, modes))
+            args.collect = str(run_sweep(pairs, args.out_dir, flag_overrides(args, for_tokenflow_command=True), args.sweep,
+                                             args.launcher_arg, modes))
         result = collect(args.collect, args.out_dir, clip_model=clip_model, flow=args.flow) if args.collect else table1(
             pairs, args.out_dir, overrides=flag_overrides(args), clip_model=None if args.no_clip else args.clip_model,
             flow=args.flow, in_process=args.in_process, modes=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
@@ -510,7 +511,10 @@ def run_sweep(pairs: list[Pair], out_dir: Path | str, overrides: list[str], laun
     if unknown:
         raise ValueError(f"unknown methods {unknown}; Table 1 has {list(MODES)}")
     out_dir = Path(out_dir)
-    check_inputs(pairs, [run_config(p, modes[0], list(overrides)) for p in pairs])
+    from tokenflow.cli import prepare_argv
+
+    # `overrides` as typed: the tokenflow command prepares them itself; composing here needs them prepared
+    check_inputs(pairs, [run_config(p, modes[0], prepare_argv(list(overrides))) for p in pairs])
     folder, sweep_dir = out_dir / "sweep_conf", out_dir / "multirun"
     cmd = sweep_command(sweep_experiments(pairs, modes, folder), folder, sweep_dir, overrides, launcher, launcher_args)
     print(f"[table1] {' '.join(cmd)}", file=sys.stderr)
