@@ -88,7 +88,7 @@ print(json.dumps({"kind": kind, "unet_max_abs_diff": (ours - want).abs().max().i
 
 def write_random_sd21(root: Path) -> Path:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -98,10 +98,7 @@ def write_random_sd21(root: Path) -> Path:
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     ).save_pretrained(root / "unet")
-    AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
-    ).save_pretrained(root / "vae")
+    write_random_vae(root)
     CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=1024, num_attention_heads=16, num_hidden_layers=23, intermediate_size=4096,
         hidden_act="gelu", max_position_embeddings=77, projection_dim=512,
@@ -115,12 +112,22 @@ def write_random_sd21(root: Path) -> Path:
     return root
 
 
+def write_random_vae(root: Path) -> None:
+    """The VAE every SD-1.x/2.x folder carries (the same architecture and config), random, into root/vae."""
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+    ).save_pretrained(root / "vae")
+
+
 def write_random_sd15(root: Path) -> Path:
     """SD-1.5's published configs (sd15-and-released-code.md): 8 heads everywhere (attention_head_dim: 8),
     conv proj_in/proj_out (use_linear_projection absent, i.e. false), 768-wide OpenAI CLIP ViT-L/14 text
     tower with quick_gelu, and its PNDM scheduler config without prediction_type (epsilon)."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -129,10 +136,7 @@ def write_random_sd15(root: Path) -> Path:
         layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     ).save_pretrained(root / "unet")
-    AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
-    ).save_pretrained(root / "vae")
+    write_random_vae(root)
     CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=768, num_attention_heads=12, num_hidden_layers=12, intermediate_size=3072,
         hidden_act="quick_gelu", max_position_embeddings=77, projection_dim=768,
