@@ -272,11 +272,7 @@ def table1(
     """Run every method on every pair, score them, write table1.md and table1.csv into out_dir."""
     from tokenflow.pipeline import pick_device
 
-    if not pairs:
-        raise ValueError("no (video, prompt) pairs: give --pairs VIDEO::PROMPT or --pairs-file")
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; Table 1 has {list(MODES)}")
+    check_request(pairs, modes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # every config is composed and every video opened before anything runs: a bad override or a
@@ -501,18 +497,23 @@ def sweep_command(names: list[str], folder: Path, sweep_dir: Path, overrides: li
     return cmd + list(launcher_args) + list(overrides) + ["output.png_frames=true"]
 
 
-def run_sweep(pairs: list[Pair], out_dir: Path | str, overrides: list[str], launcher: str, launcher_args: list[str],
-              modes: tuple[str, ...] = MODES) -> Path:
-    """Every cell as one job of one multirun on `launcher` -> the multirun folder (a job that fails
-    leaves no run.json: its row carries the error when collected)."""
+def check_request(pairs: list[Pair], modes: tuple[str, ...]) -> None:
+    """At least one pair, and only Table 1's methods."""
     if not pairs:
         raise ValueError("no (video, prompt) pairs: give --pairs VIDEO::PROMPT or --pairs-file")
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; Table 1 has {list(MODES)}")
-    out_dir = Path(out_dir)
+
+
+def run_sweep(pairs: list[Pair], out_dir: Path | str, overrides: list[str], launcher: str, launcher_args: list[str],
+              modes: tuple[str, ...] = MODES) -> Path:
+    """Every cell as one job of one multirun on `launcher` -> the multirun folder (a job that fails
+    leaves no run.json: its row carries the error when collected)."""
+    check_request(pairs, modes)
     from tokenflow.cli import prepare_argv
 
+    out_dir = Path(out_dir)
     # `overrides` as typed: the tokenflow command prepares them itself; composing here needs them prepared
     check_inputs(pairs, [run_config(p, modes[0], prepare_argv(list(overrides))) for p in pairs])
     folder, sweep_dir = out_dir / "sweep_conf", out_dir / "multirun"
