@@ -107,3 +107,17 @@ def test_vae_stages_are_counted_and_bounded_by_the_vae_batch_not_the_frames(smal
     assert eight.total_gib == pytest.approx(eight.weights_gib + eight.latents_gib + largest)
     # the loop's latents are the float32 DDIM state: current, original x_t, clean
     assert eight.latents_gib * 2**30 == 3 * 24 * 4 * 8 * 8 * 4
+
+
+def test_every_real_model_preset_can_be_estimated():
+    """--model takes every conf/model preset with weights: SD-1.5's estimate differs (its 8 wide heads
+    and 768-wide text), SD-2.0-base's equals SD-2.1-base's (the same architecture)."""
+    from tools.memory_estimate import MODELS
+
+    assert {"sd15", "sd20_base", "sd21_base", "sd21"} <= set(MODELS)
+    sd15, sd20, sd21 = (MODELS[m] for m in ("sd15", "sd20_base", "sd21_base"))
+    assert sd20 == sd21 and sd15[0]().cross_attention_dim == 768 and sd15[2]().width == 768
+    from tools.memory_estimate import estimate
+
+    a, b = estimate(8, size=256, model="sd15"), estimate(8, size=256, model="sd21_base")
+    assert 0 < a.total_gib and a.weights_gib < b.weights_gib  # SD-1.5: 859.5M UNet + 123M text vs 865.9M + 340M

@@ -150,6 +150,8 @@ def _tiny_text() -> TextConfig:
 MODELS = {
     "sd21_base": (UNetConfig.sd21_base, VAEConfig.sd21, TextConfig.sd21, 512),
     "sd21": (UNetConfig.sd21, VAEConfig.sd21, TextConfig.sd21, 768),
+    "sd20_base": (UNetConfig.sd21_base, VAEConfig.sd21, TextConfig.sd21, 512),  # SD-2.1-base's architecture exactly
+    "sd15": (UNetConfig.sd15, VAEConfig.sd21, TextConfig.sd15, 512),  # the VAE is the same for SD-1.x and 2.x
     "tiny": (UNetConfig.tiny, VAEConfig.tiny, _tiny_text, 128),
 }
 
