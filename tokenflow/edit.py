@@ -190,7 +190,7 @@ def denoise_step(
 
     new = torch.empty_like(latents)
     if settings.mode in ("tokenflow", "fixed_keyframes"):
-        # (I) keyframe pass: joint edit with extended attention; only the recorded tokens are kept
+        # (I) keyframe pass: joint edit with extended attention; it records the tokens propagation uses
         released = settings.propagation == "released"
         tokens = KeyframeTokens(keyframes, record_source_outputs=released)
         control = make_control(len(keyframes), pnp=pnp, joint_frames=len(keyframes), record=tokens, query_chunk=settings.query_chunk)
@@ -200,12 +200,15 @@ def denoise_step(
         # own T_base at every layer and its propagation forward would repeat the keyframe pass
         # exactly. Its step is taken from the keyframe pass instead (n + K frame forwards per step
         # become n). Not so under the released rule, where a keyframe blends two groups' keyframes.
+        # (Where a keyframe holds exactly equal tokens, e.g. a flat black border, the pass's argmax
+        # would pick the first of them; reuse keeps each token's own, which is what Eq. 6 means.)
         if settings.reuse_keyframes and not released:
-            mine = [(slot, k) for slot, k in enumerate(keyframes) if k in set(own)]
+            own_set, keyframe_set = set(own), set(keyframes)
+            mine = [(slot, k) for slot, k in enumerate(keyframes) if k in own_set]
             if mine:
                 slots, frames = [s for s, _ in mine], [k for _, k in mine]
                 new[frames] = ddim_step(schedule, keyframe_out[slots], t, t_prev, latents[frames])
-            own = [i for i in own if i not in set(keyframes)]
+            own = [i for i in own if i not in keyframe_set]
         neighbours = keyframe_neighbours(
             list(range(n)), keyframes, settings.weighting, rule=settings.propagation, interval=settings.keyframe_interval,
         ).to(latents.device)  # once per step, not per layer
