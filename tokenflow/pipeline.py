@@ -526,16 +526,16 @@ def _readable(path: Path) -> Path:
     return path
 
 
-def write_outputs(stage: StagedOutputs, cfg, src: SourceVideo, edited: torch.Tensor) -> dict[str, Path]:
+def write_outputs(stage: StagedOutputs, cfg, src: SourceVideo, edited: torch.Tensor, fps: Fraction,
+                  with_sound: bool) -> dict[str, Path]:
     """config.yaml, the videos and the PNG frames of one run into `stage` -> {output: final path}.
-    `edited`: uint8 [n, H, W, 3] decoded edit."""
+    `edited`: uint8 [n, H, W, 3] decoded edit; `fps`, `with_sound`: as output_fps decided."""
     from omegaconf import OmegaConf
 
-    (fps, lost_sound), crf = output_fps(cfg, src.video), cfg["output"]["crf"]
+    crf = cfg["output"]["crf"]
     outputs = {"config": stage.final("config.yaml"), "edited": stage.final("edited.mp4")}
     stage.path("config.yaml").write_text(OmegaConf.to_yaml(cfg))  # the resolved config this run ran with
-    keep_sound = cfg["output"].get("audio", True) and not lost_sound
-    audio = src.video.audio if keep_sound else None  # the edited span's sound
+    audio = src.video.audio if with_sound and cfg["output"].get("audio", True) else None  # the edited span's sound
     _readable(write_video(stage.path("edited.mp4"), edited, fps, crf=crf, audio=audio))
     if cfg["output"]["side_by_side"]:
         _readable(write_video(stage.path("side_by_side.mp4"), side_by_side(src.frames, edited), fps, crf=crf, audio=audio))
@@ -594,16 +594,17 @@ def _run_edit(cfg, out_dir: Path, settings, prompt: str, show: bool, memory: Pea
     shard = src.shard
     watch.inversion_cache, watch.frames = src.inversion_cache, src.frames.shape[0]
     video, models, n = src.video, src.models, src.frames.shape[0]
+    fps, lost_sound = output_fps(cfg, video)  # the source's rate unless output.fps names one
     facts = RunFacts(
         video=str(video.path), frames=n, source_indices=list(video.indices), size=[video.height, video.width],
-        fps=float(output_fps(cfg, video)[0]), notes=list(video.notes), model=str(cfg["model"]["source"]),
+        fps=float(fps), notes=list(video.notes), model=str(cfg["model"]["source"]),
         mode=cfg["tokenflow"]["mode"], method=cfg["method"]["name"], prompt=prompt, device=src.device,
         dtype=str(src.dtype).replace("torch.", ""), inversion_cache=src.inversion_cache,
         inversion_frames_reused=src.inversion_frames_reused, warnings=[w for w in (random_weights, *src.warnings) if w],
         source=asdict(video.source),
     )
     facts.warnings += video.warnings  # e.g. a sound track that cannot be read
-    facts.warnings += [w for w in [output_fps(cfg, video)[1]] if w]  # output.fps away from the source's rate
+    facts.warnings += [lost_sound] if lost_sound else []  # output.fps away from the source's rate
 
     if is_reconstruction:
         edited_latents = src.clean
@@ -638,7 +639,7 @@ def _run_edit(cfg, out_dir: Path, settings, prompt: str, show: bool, memory: Pea
             return facts
 
     with staged_outputs(out_dir) as stage:
-        outputs = write_outputs(stage, cfg, src, edited)
+        outputs = write_outputs(stage, cfg, src, edited, fps, with_sound=not lost_sound)
         watch.lap("write")
         facts.timings_s = watch.timings
         facts.seconds_per_frame = {k: round(v / n, 4) for k, v in watch.timings.items() if k in ("encode", "inversion", "editing", "decode")}
