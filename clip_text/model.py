@@ -28,6 +28,16 @@ from torch import Tensor, nn
 ACTIVATIONS = ("gelu", "quick_gelu")
 
 
+def _heads(width: int, heads: int | None, source) -> int:
+    """The head count of a tower read from a file: given, or width / 64 (both OpenCLIP's and OpenAI's
+    CLIP text towers use 64-wide heads; no tensor shape says so)."""
+    if heads is not None:
+        return heads
+    if width % 64:
+        raise ValueError(f"{source}: width {width} is not a multiple of 64-wide heads; pass heads=")
+    return width // 64
+
+
 @dataclass
 class TextConfig:
     vocab_size: int = 49408
@@ -104,10 +114,7 @@ class TextConfig:
         blocks = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks."))
         if blocks < 2:
             raise ValueError(f"{source}: {blocks} block(s); SD-2 reads the penultimate one, so at least 2 are needed")
-        if heads is None:
-            if width % 64:
-                raise ValueError(f"{source}: width {width} is not a multiple of 64-wide heads; pass heads=")
-            heads = width // 64
+        heads = _heads(width, heads, source)
         return cls(
             vocab_size=int(vocab_size),
             max_positions=int(state["positional_embedding"].shape[0]),
@@ -137,10 +144,7 @@ class TextConfig:
                 raise ValueError(f"{source}: no {key!r}; not a CLIP text tower in transformers names")
         vocab_size, width = state[p + "embeddings.token_embedding.weight"].shape
         layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith(p + "encoder.layers."))
-        if heads is None:
-            if width % 64:
-                raise ValueError(f"{source}: width {width} is not a multiple of 64-wide heads; pass heads=")
-            heads = width // 64
+        heads = _heads(width, heads, source)
         return cls(
             vocab_size=int(vocab_size),
             max_positions=int(state[p + "embeddings.position_embedding.weight"].shape[0]),
