@@ -1,4 +1,4 @@
-"""tools.bench at the tiny config, one repeat: the rows and columns of the report, ratios that are
+"""tools.maintainers.bench at the tiny config, one repeat: the rows and columns of the report, ratios that are
 positive finite numbers, ours agreeing with the reference (and the check noticing when it does not),
 the end-to-end timings read from run.json, and clear errors. No timing assertions."""
 
@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from tools.bench import bench_model, describe_machine, main, make_cases, markdown_report, run_e2e, time_case, unet_pair
+from tools.maintainers.bench import bench_model, describe_machine, main, make_cases, markdown_report, run_e2e, time_case, unet_pair
 
 COLUMNS = ["model", "config", "device", "dtype", "batch", "inputs", "ours s", "reference s", "time ratio",
            "ours peak MiB", "reference peak MiB", "memory ratio", "max abs diff (ref max)"]

@@ -1,4 +1,4 @@
-"""tools.gpu_check's code paths on the CPU with tiny configs (so its first GPU run does not break on
+"""tools.maintainers.gpu_check's code paths on the CPU with tiny configs (so its first GPU run does not break on
 a typo): every section runs (edit stages, UNet vs diffusers, keyframe pass vs memory_estimate, and
 both again under torch.compile, traced with the eager backend) and lands in the Markdown table."""
 

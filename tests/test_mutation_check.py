@@ -1,9 +1,9 @@
-"""tools.mutation_check's bugs still fit the code: each line it changes is in its file exactly once
+"""tools.maintainers.mutation_check's bugs still fit the code: each line it changes is in its file exactly once
 (a refactor that moves a line must move the bug with it), and each bug changes the line."""
 
 import pytest
 
-from tools.mutation_check import MUTANTS, ROOT, main
+from tools.maintainers.mutation_check import MUTANTS, ROOT, main
 
 pytestmark = pytest.mark.core
 

@@ -64,9 +64,9 @@ def test_no_tool_takes_an_abbreviated_flag(tool, monkeypatch):
 
 
 def test_bench_does_not_read_model_as_models():
-    res = python_m("tools.bench", "--model", "tiny", "--parts", "none")  # no rows, no --e2e: just the report head
+    res = python_m("tools.maintainers.bench", "--model", "tiny", "--parts", "none")  # no rows, no --e2e: just the report head
     assert res.returncode == 0, res.stderr
-    res = python_m("tools.bench", "--mod", "tiny")
+    res = python_m("tools.maintainers.bench", "--mod", "tiny")
     assert res.returncode == 2 and "unrecognized arguments: --mod" in res.stderr
 
 

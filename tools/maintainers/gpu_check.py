@@ -1,8 +1,8 @@
 """The GPU check: one command, a few minutes on one H100/H200, random full-size weights, no download.
 
-    python -m tools.gpu_check                                   # ../shared/data/wolf.mp4, cuda, float16
-    python -m tools.gpu_check --video /work/shared/data/wolf.mp4 --markdown gpu.md
-    python -m tools.gpu_check --device cpu --model tiny         # the same code paths, tiny configs (tests)
+    python -m tools.maintainers.gpu_check                                   # ../shared/data/wolf.mp4, cuda, float16
+    python -m tools.maintainers.gpu_check --video /work/shared/data/wolf.mp4 --markdown gpu.md
+    python -m tools.maintainers.gpu_check --device cpu --model tiny         # the same code paths, tiny configs (tests)
 
 Sections, each timed (CUDA synchronised), each in its own try so one failure still prints the rest:
 1. `edit`: the 40-frame wolf clip at 512x512 in float16 through the pipeline's own stages (read,
@@ -11,7 +11,7 @@ Sections, each timed (CUDA synchronised), each in its own try so one failure sti
    Inversion takes --inversion-steps (default 50: the paper's 1,000 or the authors' 500 scale it linearly).
 2. `unet vs diffusers`: one UNet forward at batch 3 and 24 (64x64 latents, the edit's batches: 3
    branches x 1 and x 8 frames), ours against diffusers' UNet2DConditionModel with the same weights
-   (tools.bench's pair), median of --repeats, time ratio ours/diffusers.
+   (tools.maintainers.bench's pair), median of --repeats, time ratio ours/diffusers.
 3. `keyframe pass`: the joint keyframe pass (extended attention over the keyframes, PnP on, tokens
    recorded) at --keyframes keyframes (125: a 1,000-frame clip at interval 8), its seconds and peak
    CUDA memory above what was allocated before it, against tools.memory_estimate's figure for it.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_VIDEO = REPO.parent / "shared" / "data" / "wolf.mp4"  # ../shared/data/wolf.mp4 beside the repo
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -248,7 +248,7 @@ def check_keyframe_pass(args, rows: list[Row], compiled: bool) -> None:
 
 
 def markdown(rows: list[Row], args, machine: str) -> str:
-    lines = [f"## tools.gpu_check on {machine}", "",
+    lines = [f"## tools.maintainers.gpu_check on {machine}", "",
              f"dtype {args.dtype}; video {args.video}; {'TINY configs' if args.model == 'tiny' else 'full-size SD-2.1-base, random weights'}", "",
              "| section | what | seconds | peak MiB | versus | note |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -268,7 +268,7 @@ def describe(device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="python -m tools.maintainers.gpu_check", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--video", type=Path, default=DEFAULT_VIDEO)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))

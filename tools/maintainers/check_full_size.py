@@ -2,7 +2,7 @@
 (and, for SD-1.5, the same weights as one ldm file), loaded by `tokenflow.load_models`, compared with
 diffusers' UNet and transformers' text encoder; and the peak memory of loading the UNet.
 
-    python -m tools.check_full_size [--model sd21_base sd15] [--dir /tmp/sd21-random] [--sd15-dir /tmp/sd15-random] [--keep]
+    python -m tools.maintainers.check_full_size [--model sd21_base sd15] [--dir /tmp/sd21-random] [--sd15-dir /tmp/sd15-random] [--keep]
 
 Writes the folder with diffusers/transformers (random weights, ~3.5 GB in fp32 for the UNet), then in
 fresh subprocesses: (1) loads the UNet alone with our loader and reports the peak RSS increase
@@ -154,7 +154,7 @@ def write_sd15_ldm_file(root: Path, path: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
     from ldm_writer_text import transformers_text_to_ldm_sd1
     from ldm_writer_unet import diffusers_unet_to_ldm
     from ldm_writer_vae import diffusers_vae_to_ldm
@@ -194,7 +194,7 @@ def run(code: str, *args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.check_full_size", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.maintainers.check_full_size", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model", nargs="+", choices=("sd21_base", "sd15"), default=["sd21_base", "sd15"],
                    help="which random full-size models to write and check, by conf/model name (default: both)")

@@ -1,7 +1,7 @@
 """Single-line bugs put into the algorithm, one at a time, each run against the core tests.
 
-    python -m tools.mutation_check                  # every bug below (about a minute each on 2 cores)
-    python -m tools.mutation_check "PnP" "released" # only those whose name contains one of these
+    python -m tools.maintainers.mutation_check                  # every bug below (about a minute each on 2 cores)
+    python -m tools.maintainers.mutation_check "PnP" "released" # only those whose name contains one of these
 
 A reader trusts TokenFlow's code because its tests pass; this shows which test fails for each kind
 of bug a change could bring in (swapped NN fields, reversed guidance, PnP in the wrong layers, ...).
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CORE_VALUE_CHECKS = ["tests/test_intervention_values.py", "tests/test_tokenflow_core.py"]
 CORE_ORACLE = "tests/test_algorithm_oracle.py"
 
@@ -107,7 +107,7 @@ def failing_tests(root: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.mutation_check", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m tools.maintainers.mutation_check", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
     parser.add_argument("only", nargs="*", help="run only the bugs whose name contains one of these")
     args = parser.parse_args(argv)

@@ -1,11 +1,11 @@
 """Benchmarks: our hand-written UNet, VAE and text encoder against diffusers/transformers, and the
 end-to-end seconds per frame of an edit with the tiny model.
 
-    python -m tools.bench --parts unet --model sd21_base --repeats 3 --threads 2
-    python -m tools.bench --parts vae --latent 32           # VAE decode of 32x32 latents, encode of 256x256 images
-    python -m tools.bench --parts unet,vae,text --dtype float32,bfloat16 --markdown bench.md
-    python -m tools.bench --parts none --e2e                # only the end-to-end timing (tiny model)
-    python -m tools.bench --model tiny --parts text --repeats 1 --no-memory   # seconds, no weights, at the test sizes
+    python -m tools.maintainers.bench --parts unet --model sd21_base --repeats 3 --threads 2
+    python -m tools.maintainers.bench --parts vae --latent 32           # VAE decode of 32x32 latents, encode of 256x256 images
+    python -m tools.maintainers.bench --parts unet,vae,text --dtype float32,bfloat16 --markdown bench.md
+    python -m tools.maintainers.bench --parts none --e2e                # only the end-to-end timing (tiny model)
+    python -m tools.maintainers.bench --model tiny --parts text --repeats 1 --no-memory   # seconds, no weights, at the test sizes
 
 What is compared, and how (so a ratio means "same work, different code"):
 - The reference is built at the IDENTICAL config (diffusers UNet2DConditionModel with SD-2.1's blocks,
@@ -64,7 +64,7 @@ from unet.model import UNet, UNetConfig
 from vae.keys import normalise_diffusers_keys
 from vae.model import VAE, VAEConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODELS = ("unet", "vae", "text")
 CONFIGS = ("full", "tiny")
 MODEL_CONFIGS = {"sd21_base": "full", "tiny": "tiny"}  # --model NAME (conf/model names) -> the configs benchmarked
@@ -81,7 +81,7 @@ def require(name: str):
     try:
         lib = __import__(name)
     except ImportError as e:
-        raise SystemExit(f"tools.bench: the reference implementations need {name} ({e}). Install with: {INSTALL_HINT}") from None
+        raise SystemExit(f"tools.maintainers.bench: the reference implementations need {name} ({e}). Install with: {INSTALL_HINT}") from None
     lib.utils.logging.set_verbosity_error()  # e.g. diffusers' advice on .to(dtype), which is what we mean
     return lib
 
@@ -120,7 +120,7 @@ def _finish(ref: nn.Module, ours_cls, cfg, state_of: Callable[[nn.Module], dict]
 
 def _check_same_config(ours_cfg, read_back, what: str) -> None:
     if read_back != ours_cfg:
-        raise RuntimeError(f"tools.bench: the {what} reference's config reads back as {read_back}, not {ours_cfg}")
+        raise RuntimeError(f"tools.maintainers.bench: the {what} reference's config reads back as {read_back}, not {ours_cfg}")
 
 
 def unet_pair(config: str, dtype: torch.dtype, device: str, seed: int = 0) -> Pair:
@@ -227,7 +227,7 @@ def make_cases(model: str, pair: Pair, batch: int, latent: int, dtype: torch.dty
             ids[i, 1 : n + 1] = torch.randint(0, min(cfg.vocab_size, 49406), (n,), generator=g)
         ids = ids.to(device)
         return [Case("text", f"ids {_shape(ids)}", lambda: ours(ids), lambda: ref(input_ids=ids).last_hidden_state)]
-    raise ValueError(f"tools.bench: unknown model {model!r}; choose from {', '.join(MODELS)}")
+    raise ValueError(f"tools.maintainers.bench: unknown model {model!r}; choose from {', '.join(MODELS)}")
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -246,7 +246,7 @@ def max_abs_diff(a, b) -> float:
     pairs = list(zip(_tensors(a), _tensors(b), strict=True))
     for x, y in pairs:
         if x.shape != y.shape:
-            raise RuntimeError(f"tools.bench: output shapes differ: ours {tuple(x.shape)} vs reference {tuple(y.shape)}")
+            raise RuntimeError(f"tools.maintainers.bench: output shapes differ: ours {tuple(x.shape)} vs reference {tuple(y.shape)}")
     return max(float((x.float() - y.float()).abs().max()) for x, y in pairs)
 
 
@@ -262,7 +262,7 @@ def time_case(case: Case, repeats: int, warmup: int, device: str) -> Timing:
     """Alternate ours and the reference (swapping which goes first) so slow drifts of a shared
     machine's load fall on both."""
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"tools.bench: repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+        raise ValueError(f"tools.maintainers.bench: repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     times: dict[str, list[float]] = {"ours": [], "reference": []}
     last: dict[str, Any] = {}
     fns = {"ours": case.ours, "reference": case.reference}
@@ -374,11 +374,11 @@ def measure_memory(spec: MemorySpec) -> float:
     """Run `measure_memory_here` in a fresh Python (its allocator has seen nothing else)."""
     env = {**os.environ, **MEASURE_ENV, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.bench", "--memory-child", json.dumps(asdict(spec))],
+        [sys.executable, "-m", "tools.maintainers.bench", "--memory-child", json.dumps(asdict(spec))],
         capture_output=True, text=True, env=env, cwd=str(REPO),
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"tools.bench: memory measurement of {spec.case} ({spec.side}) failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"tools.maintainers.bench: memory measurement of {spec.case} ({spec.side}) failed:\n{proc.stderr[-3000:]}")
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_increase_mib"])
 
 
@@ -409,13 +409,13 @@ def bench_model(model: str, config: str = "full", dtype: str = "float32", device
                 latent: int = 64, repeats: int = 3, warmup: int = 1, memory: bool = True, seed: int = 0) -> list[Row]:
     """Rows for one model (the VAE gives two: encode and decode) at one dtype."""
     if model not in PAIRS:
-        raise ValueError(f"tools.bench: unknown model {model!r}; choose from {', '.join(MODELS)}")
+        raise ValueError(f"tools.maintainers.bench: unknown model {model!r}; choose from {', '.join(MODELS)}")
     if config not in CONFIGS:
-        raise ValueError(f"tools.bench: unknown config {config!r}; choose from {', '.join(CONFIGS)}")
+        raise ValueError(f"tools.maintainers.bench: unknown config {config!r}; choose from {', '.join(CONFIGS)}")
     if dtype not in DTYPES:
-        raise ValueError(f"tools.bench: unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        raise ValueError(f"tools.maintainers.bench: unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if batch < 1 or latent < 1:
-        raise ValueError(f"tools.bench: batch and latent must be >= 1, got {batch} and {latent}")
+        raise ValueError(f"tools.maintainers.bench: batch and latent must be >= 1, got {batch} and {latent}")
     threads = torch.get_num_threads()
 
     # Memory first, in fresh processes, before this process holds a copy of the weights.
@@ -544,7 +544,7 @@ def _list(text: str, allowed, what: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.maintainers.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--parts", default="unet,vae,text",
                    help="comma list of unet, vae, text; 'none' for only --e2e (default: all three)")
