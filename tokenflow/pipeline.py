@@ -28,7 +28,9 @@ from tqdm import tqdm
 
 from sampler.ddim import inversion_timesteps
 
+from .device import DeviceError, device_error_line, init_device, pick_device, pick_dtype  # noqa: F401 (re-exported)
 from .distributed import Ranks, rank_facts, remove_own_run_dir
+from .measure import PROCESS_PEAK_NOTE, PeakMemory, Stopwatch  # noqa: F401
 from .edit import MODES, EditSettings, PromptEmbeddings, edit_video_latents
 from .inversion import decode_latents, encode_frames, invert_frames
 from .inversion_cache import InversionCache, default_cache_root, model_file_stats, video_digest
@@ -71,64 +73,6 @@ class RunFacts:
     finished: str = ""
     ranks: list[dict] = field(default_factory=list)  # torchrun: each rank's frames, timings, memory (distributed.py)
     source: dict = field(default_factory=dict)  # media.SourceInfo: pixel format, rotation, vfr, frame rate, audio
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU per rank of this machine
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"device={name}: CUDA is not available on this machine; use device=cpu")
-    return name
-
-
-class DeviceError(RuntimeError):
-    """The device `device=` names cannot be used: no CUDA, no such index, CUDA failed to start."""
-
-
-def init_device(device: str) -> None:
-    """Initialise CUDA for `device` before anything asks it for memory statistics: plain "cuda"
-    initialises CUDA on first use, but with an index ("cuda:0", a torchrun rank's device) the
-    allocator's statistics raise "Invalid device argument: did you call init?" until something has."""
-    if not device.startswith("cuda"):
-        return
-    try:
-        torch.cuda.init()
-        index, count = torch.device(device).index, torch.cuda.device_count()
-    except RuntimeError as e:
-        raise DeviceError(f"device={device}: CUDA could not be started ({str(e).strip().splitlines()[0]})") from e
-    if index is not None and not 0 <= index < count:
-        raise DeviceError(f"device={device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-
-
-def device_error_line(error: BaseException) -> str | None:
-    """One line for an error that comes from the device (CUDA), None for any other: a DeviceError,
-    CUDA running out of memory, a RuntimeError that names CUDA. Bugs keep their traceback."""
-    if isinstance(error, DeviceError):
-        return str(error)
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "CUDA out of memory"
-        return (f"{first} (fewer frames per forward: tokenflow.batch_size, inversion.batch_size; "
-                "tokenflow.ff_chunk, tokenflow.query_chunk; see python -m tools.memory_estimate)")
-    text = str(error).strip()
-    if isinstance(error, RuntimeError) and ("CUDA" in text or "did you call init" in text):
-        return f"device error: {text.splitlines()[0]}"
-    return None
-
-
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    """auto: float16 on a GPU; float32 on a CPU, also one with native bfloat16 (AVX512-BF16/AMX):
-    bfloat16 there runs the full-size UNet 1.76x faster, but changes the edit, not just its last bits
-    (tiny model, whole run in bfloat16: 26-43% of the NN field's matches move, the frames differ by
-    20/255 on average), so the CPU's default stays the reference result and the speed is one
-    override away, dtype=bfloat16 (README, "The CPU's dtype")."""
-    if name == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"dtype must be auto or one of {sorted(dtypes)}, got {name!r}")
-    return dtypes[name]
 
 
 def sample_clip_folder(cfg) -> Path:
@@ -270,81 +214,6 @@ class FrameStepBar:
 
     def close(self) -> None:
         self.bar.close()
-
-
-PROC_CLEAR_REFS = Path("/proc/self/clear_refs")  # Linux: writing "5" resets VmHWM to the current RSS
-PROC_STATUS = Path("/proc/self/status")  # Linux: VmHWM, the peak RSS since that reset
-PROCESS_PEAK_NOTE = ("peak_memory_mb.cpu_rss is this process's lifetime peak (ru_maxrss), which may be an earlier "
-                     "run's: the peak could not be reset here (Linux /proc/self/clear_refs)")
-
-
-def _vm_hwm_mb() -> float | None:
-    """VmHWM of /proc/self/status in MiB; None where there is no such file or line."""
-    try:
-        for line in PROC_STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # "VmHWM:  123456 kB"
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Start a new RSS high-water mark; False where the OS does not allow it."""
-    try:
-        PROC_CLEAR_REFS.write_text("5")
-    except OSError:
-        return False
-    return _vm_hwm_mb() is not None
-
-
-class PeakMemory:
-    """This run's peak memory, not the process's. A `-m` sweep runs every job in one process, and
-    ru_maxrss or CUDA's max_memory_allocated alone would report the largest run so far for every
-    later run; so both high-water marks are reset when the run starts."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.rss_is_per_run = _reset_rss_peak()
-        if device.startswith("cuda"):
-            init_device(device)  # before the reset: an indexed device's statistics need CUDA started
-            torch.cuda.reset_peak_memory_stats(device)
-
-    def report(self) -> dict[str, float]:
-        """{"cpu_rss": MiB[, "cuda_allocated": MiB]}; see `note` for what cpu_rss covers."""
-        if self.rss_is_per_run and (hwm := _vm_hwm_mb()) is not None:
-            peak = {"cpu_rss": round(hwm, 1)}
-        else:
-            peak = {"cpu_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
-        if self.device.startswith("cuda"):
-            peak["cuda_allocated"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
-        return peak
-
-    @property
-    def note(self) -> str | None:
-        """A sentence for run.json when cpu_rss is not this run's own peak."""
-        return None if self.rss_is_per_run else PROCESS_PEAK_NOTE
-
-
-class Stopwatch:
-    """Seconds per named stage, in order. On a GPU each lap first waits for the device's queued
-    work (CUDA runs asynchronously: the last VAE batch would otherwise be booked to the next stage);
-    laps mark stage boundaries only, never steps of a loop, so this costs one sync per stage."""
-
-    def __init__(self, device: str | None = None):
-        self.device = device
-        self.timings: dict[str, float] = {}
-        self._clock = time.perf_counter()
-        self.started = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        self.inversion_cache: str | None = None  # what a Ctrl-C message reports as cached
-        self.frames: int | None = None
-
-    def lap(self, stage: str) -> None:
-        if self.device is not None and self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.timings[stage] = round(now - self._clock, 3)
-        self._clock = now
 
 
 @dataclass
@@ -568,6 +437,7 @@ def run_edit(cfg, out_dir: Path | str) -> RunFacts:
     show = bool(cfg.get("progress", True))
     memory = PeakMemory(device)
     watch = Stopwatch(device)
+    watch.inversion_cache, watch.frames = None, None
     random_weights = random_weights_warning(cfg)
     if random_weights:
         print(f"[tokenflow] warning: {random_weights}", file=sys.stderr)

@@ -1,0 +1,88 @@
+"""What a run measures about itself: seconds per stage (Stopwatch) and peak memory (PeakMemory).
+
+The pipeline and every tool measure through these two, so a figure in run.json, a benchmark and the
+GPU check mean the same thing.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .device import init_device
+
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")  # Linux: writing "5" resets VmHWM to the current RSS
+PROC_STATUS = Path("/proc/self/status")  # Linux: VmHWM, the peak RSS since that reset
+PROCESS_PEAK_NOTE = ("peak_memory_mb.cpu_rss is this process's lifetime peak (ru_maxrss), which may be an earlier "
+                     "run's: the peak could not be reset here (Linux /proc/self/clear_refs)")
+
+
+def _vm_hwm_mb() -> float | None:
+    """VmHWM of /proc/self/status in MiB; None where there is no such file or line."""
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # "VmHWM:  123456 kB"
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Start a new RSS high-water mark; False where the OS does not allow it."""
+    try:
+        PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return _vm_hwm_mb() is not None
+
+
+class PeakMemory:
+    """This run's peak memory, not the process's. A `-m` sweep runs every job in one process, and
+    ru_maxrss or CUDA's max_memory_allocated alone would report the largest run so far for every
+    later run; so both high-water marks are reset when the run starts."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.rss_is_per_run = _reset_rss_peak()
+        if device.startswith("cuda"):
+            init_device(device)  # before the reset: an indexed device's statistics need CUDA started
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def report(self) -> dict[str, float]:
+        """{"cpu_rss": MiB[, "cuda_allocated": MiB]}; see `note` for what cpu_rss covers."""
+        if self.rss_is_per_run and (hwm := _vm_hwm_mb()) is not None:
+            peak = {"cpu_rss": round(hwm, 1)}
+        else:
+            peak = {"cpu_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
+        if self.device.startswith("cuda"):
+            peak["cuda_allocated"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return peak
+
+    @property
+    def note(self) -> str | None:
+        """A sentence for run.json when cpu_rss is not this run's own peak."""
+        return None if self.rss_is_per_run else PROCESS_PEAK_NOTE
+
+
+class Stopwatch:
+    """Seconds per named stage, in order. On a GPU each lap first waits for the device's queued
+    work (CUDA runs asynchronously: the last VAE batch would otherwise be booked to the next stage);
+    laps mark stage boundaries only, never steps of a loop, so this costs one sync per stage."""
+
+    def __init__(self, device: str | None = None):
+        self.device = device
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+        self.started = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+    def lap(self, stage: str) -> None:
+        if self.device is not None and self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[stage] = round(now - self._clock, 3)
+        self._clock = now
