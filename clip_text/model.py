@@ -13,8 +13,9 @@ Attribute names follow the published transformers keys (`text_model.encoder.laye
 model is built on the meta device and only parameters are filled; position ids and the causal mask
 are made on the fly.
 
-`Block` is the pre-LN transformer block shared by both text towers and CLIP's image tower (same names, same maths;
-that tower uses quick_gelu and no causal mask).
+`Block` and `Encoder` (the stack of blocks) are the one pre-LN transformer of the project: both text towers
+and CLIP's image tower for the CLIP score (tools/clip_score.py) are built from them, with the same names and
+maths; the image tower's stack runs without the causal mask.
 """
 
 from __future__ import annotations
@@ -219,15 +220,19 @@ class Embeddings(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """`cfg.layers` blocks of `cfg.width` x `cfg.heads` (any config with TextConfig's tower fields).
+    causal: token i sees tokens <= i (text); False lets every token see every token (image patches)."""
+
+    def __init__(self, cfg: TextConfig, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.layers = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp, cfg.act, cfg.layer_norm_eps) for _ in range(cfg.layers)
         )
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.layers:
-            x = block(x, causal=True)
+            x = block(x, causal=self.causal)
         return x
 
 

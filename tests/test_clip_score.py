@@ -1,4 +1,4 @@
-"""tools.clip_model / tools.clip_score against transformers' CLIPModel on a tiny random checkpoint.
+"""tools.clip_score (its CLIP model and the score) against transformers' CLIPModel on a tiny random checkpoint.
 
 The checkpoint is written by transformers' own save_pretrained (the real vocabulary size so our
 tokenizer's ids fit, a toy transformer, 32 px images in 8 px patches), with every weight moved off
@@ -18,8 +18,8 @@ from transformers import CLIPConfig, CLIPModel
 from fixtures_sd import isolate_hub_cache
 from tokenflow.models.checkpoint import CheckpointError
 from tokenflow.media import write_png_frames
-from tools.clip_model import CLIP_MEAN, CLIP_STD, ClipConfig, Preprocess, load_clip_folder
-from tools.clip_score import ClipUnavailable, clip_score, clip_score_or_none, load_clip, main
+from tools.clip_score import (CLIP_MEAN, CLIP_STD, ClipConfig, ClipUnavailable, Preprocess, clip_score,
+                              clip_score_or_none, load_clip, load_clip_folder, main)
 
 PROMPTS = ["a wolf made of origami", "a photo of a red fox running through the snow at dusk, high detail"]
 
@@ -267,7 +267,7 @@ def test_vit_l14_layout_matches_transformers_on_meta():
                            patch_size=14, image_size=224),
         projection_dim=768,
     )
-    from tools.clip_model import ClipModel
+    from tools.clip_score import ClipModel
 
     with torch.device("meta"):
         ref = CLIPModel(tcfg)
@@ -276,3 +276,8 @@ def test_vit_l14_layout_matches_transformers_on_meta():
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == ref_shapes
     assert sum(v.numel() for v in model.parameters()) == 427_616_513  # openai/clip-vit-large-patch14
+    # one transformer in the project: both towers are clip_text's stack of blocks, only the mask differs
+    from clip_text.model import Encoder
+
+    assert type(model.vision_model.encoder) is Encoder and not model.vision_model.encoder.causal
+    assert type(model.text_model.encoder) is Encoder and model.text_model.encoder.causal

@@ -12,7 +12,7 @@ import torch
 
 from fixtures_sd import isolate_hub_cache
 from tokenflow.media.sample_clip import make_sample_clip
-from tools.clip_model import CLIP_MEAN, CLIP_STD
+from tools.clip_score import CLIP_MEAN, CLIP_STD
 from tools import table1 as table1_module
 from tools.table1 import (CSV_COLUMNS, METHODS, MODES, RANDOM_WEIGHTS_NOTE, Pair, main, parse_pair, read_pairs_file,
                           source_frames)
