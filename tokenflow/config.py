@@ -267,3 +267,12 @@ def _check_size(size):
     if isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) and s >= 64 for s in size):
         return [int(size[0]), int(size[1])]
     raise ConfigError(f"size must be {RunConfig.SIZE_HELP}, got {size!r}")
+
+
+def load_config(overrides: list[str] = ()) -> RunConfig:
+    """The checked settings of `tokenflow OVERRIDES`, written as on the command line (prompts as
+    typed, `prompt_file=`), composed by Hydra exactly as the command composes them (no sweeps)."""
+    from .hydra_config import compose
+    from .overrides import prepare
+
+    return compose(prepare(list(overrides)))

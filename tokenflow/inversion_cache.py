@@ -400,3 +400,29 @@ def _read(path: Path) -> str | None:
         return path.read_text() or None
     except (FileNotFoundError, UnicodeDecodeError):
         return None
+
+
+def open_for_run(cfg, video, positions: list[int], timesteps: list[int], dtype: torch.dtype, *,
+                 may_clear: bool = True) -> InversionCache | None:
+    """The cache of cfg's run (None with inversion.cache=false), keyed by everything its latents
+    depend on. `cfg`: tokenflow.config.RunConfig; `video`: the media.Video read for it; `positions`:
+    the frames of the selection that are inverted; `timesteps`: the sampling timesteps kept.
+    `may_clear`: inversion.force empties it (only one process of a torchrun launch may)."""
+    if not cfg.inversion.cache:
+        return None
+    model = cfg.model
+    random = model.source == "random"
+    from .media import READER_VERSION
+
+    cache = InversionCache.for_run(
+        cfg.inversion.cache_dir, video_digest=video_digest(video.path), indices=[video.indices[i] for i in positions],
+        size=[video.height, video.width], model_id=model.name if random else str(model.source),
+        inversion_steps=cfg.inversion.steps, keep_timesteps=list(timesteps), prompt=cfg.inversion_prompt,
+        model_files=None if random else model_file_stats(model.source),  # a local path alone does not say which weights are there now
+        extra={"dtype": str(dtype).replace("torch.", ""), "seed": model.seed if random else None,
+               "variant": model.variant, "prediction_type": model.prediction_type,
+               "reader": READER_VERSION},  # how the file's frames were read (media/reading.py)
+    )
+    if cfg.inversion.force and may_clear:
+        cache.clear()
+    return cache

@@ -1,0 +1,39 @@
+"""The run's input video: `video=`, `frames.*` and `size=` made into the frames that are edited."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import RunConfig
+from .inversion_cache import default_cache_root
+from .media import Video, read_video
+
+
+def sample_clip_folder(cfg: RunConfig) -> Path:
+    """Where `video=sample` keeps its generated clip: in the inversion cache's root, beside the
+    latents inverted from it (inversion.cache_dir, else $TOKENFLOW_CACHE or ~/.cache/tokenflow/inversions)."""
+    root = cfg.inversion.cache_dir
+    return (default_cache_root() if root is None else Path(root)) / "sample_clip"
+
+
+def load_video(cfg: RunConfig) -> Video:
+    """The selected frames of cfg's video, fitted to cfg's size (each frame as it is decoded, so
+    memory holds run-size frames only)."""
+    path = cfg.video
+    if path == "sample":  # the project's own generated clip, so a fresh clone has something to edit
+        from .media.sample_clip import cached_sample_clip
+
+        path = cached_sample_clip(sample_clip_folder(cfg))
+    size, note = cfg.size, None  # None (the model's native short side), "full", an int (short side) or [H, W]
+    if size is None:
+        size = cfg.model.native_size
+        if size is None:
+            note = f"model {cfg.model.source} names no native_size: keeping the input's size"
+    elif size == "full":
+        size = None  # the input's own size, centre-cropped to multiples of 64
+    sel = cfg.frames
+    video = read_video(path, start=sel.start, end=sel.end, stride=sel.stride, max_frames=sel.max,
+                       size=tuple(size) if isinstance(size, list) else size, audio=cfg.output.audio)
+    if note:
+        video.notes.append(note)
+    return video

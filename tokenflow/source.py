@@ -1,0 +1,66 @@
+"""The original video made ready for editing (Alg. 1, line 1), in one call, for tools and notebooks.
+
+`prepare_source(cfg)` runs the first stages of `pipeline.run_edit` (read, models, encode, prompts,
+invert) through the same functions and returns what they made; it writes nothing but the caches
+(the inversion cache, the generated sample clip).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import RunConfig
+from .device import pick_device, pick_dtype
+from .edit import PromptEmbeddings
+from .inputs import load_video
+from .inversion import encode_frames, invert_frames
+from .inversion_cache import open_for_run
+from .media import Video, to_model_range
+from .models import build_models
+from .prompts import embed_prompts
+
+
+@dataclass
+class SourceVideo:
+    """The frames as read and resized, the models, clean latents, prompt embeddings and the inverted
+    latents at every sampling timestep (float32, on the CPU: steps x [n, 4, h, w])."""
+
+    cfg: RunConfig
+    video: Video
+    frames: torch.Tensor  # uint8 [n, H, W, 3]: video.frames, or the chosen positions of it
+    models: object  # tokenflow.models.Models
+    device: str
+    dtype: torch.dtype
+    clean: torch.Tensor  # [n, 4, h, w] scaled VAE posterior means
+    prompts: PromptEmbeddings | None = None  # None when invert=False
+    timesteps: list[int] = field(default_factory=list)
+    source_latents: dict[int, torch.Tensor] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def prepare_source(cfg: RunConfig, positions: list[int] | None = None, invert: bool = True) -> SourceVideo:
+    """Read, load the models, encode, embed the prompts and invert (cached). `positions`: only these
+    frames of the selection (a figure of two frames needs no more); `invert=False` stops after encoding."""
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    video = load_video(cfg)
+    positions = list(range(video.num_frames)) if positions is None else list(positions)
+    bad = [i for i in positions if not 0 <= i < video.num_frames]
+    if bad:
+        raise ValueError(f"frames {bad} are outside the clip's {video.num_frames} selected frames (0..{video.num_frames - 1})")
+    frames = video.frames[positions]
+    models = build_models(cfg.model, device=device, dtype=dtype)
+    models.unet.set_feed_forward_chunk(cfg.tokenflow.ff_chunk)
+    clean = encode_frames(models.vae, to_model_range(frames), cfg.inversion.batch_size)
+    src = SourceVideo(cfg=cfg, video=video, frames=frames, models=models, device=device, dtype=dtype, clean=clean)
+    if not invert:
+        return src
+    src.prompts, src.warnings = embed_prompts(models, cfg, device)
+    schedule = models.config.schedule
+    src.timesteps = schedule.timesteps(cfg.steps).tolist()
+    cache = open_for_run(cfg, video, positions, src.timesteps, dtype)
+    src.source_latents = invert_frames(models.unet, schedule, clean, src.prompts.source, inversion_steps=cfg.inversion.steps,
+                                       keep_timesteps=src.timesteps, batch_size=cfg.inversion.batch_size, cache=cache)
+    return src
