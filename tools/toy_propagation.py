@@ -1,6 +1,6 @@
 """TokenFlow's mechanism on a real clip, without model weights: per-frame edit vs keyframes + propagation.
 
-    python -m tools.toy_propagation --video ../shared/data/wolf.mp4 [--frames 40] [--size 256] [--out DIR]
+    python -m tools.toy_propagation --video sample|clip.mp4 [--frames 40] [--size 256] [--out DIR]
 
 TokenFlow (Geyer et al.) edits a few keyframes and builds every other frame from the keyframes'
 edited tokens, matched through the nearest-neighbour field of the ORIGINAL video's features (Eq. 5-7).
@@ -172,6 +172,10 @@ def load_clip(video: str | Path, frames: int, size: int | None, stride: int) -> 
     """uint8 [F, H, W, 3]: the first `frames` frames, short side resized to `size`, cropped to the token grid."""
     from tokenflow.media import fit_to_size, read_video
 
+    if str(video) == "sample":  # the generated clip the tokenflow command's video=sample edits
+        from tokenflow.inversion_cache import default_cache_root
+        from tokenflow.media.sample_clip import cached_sample_clip
+        video = cached_sample_clip(default_cache_root() / "sample_clip")
     clip = fit_to_size(read_video(video, max_frames=frames), size, multiple=stride)
     if clip.num_frames < 2:
         raise ValueError(f"{video}: the demo needs at least 2 frames, the selection has {clip.num_frames}")
@@ -311,7 +315,7 @@ def report(result: ToyResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.toy_propagation", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
-    parser.add_argument("--video", required=True, help="video file or image folder (e.g. ../shared/data/wolf.mp4)")
+    parser.add_argument("--video", required=True, help="video file, image folder, or sample (the generated clip)")
     parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help=f"first N frames (default {DEFAULT_FRAMES})")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"short side in pixels (default {DEFAULT_SIZE}; 0 keeps the clip's)")
     parser.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help=f"token block side in pixels (default {DEFAULT_STRIDE})")
