@@ -1,7 +1,9 @@
 """What a run measures about itself: seconds per stage (Stopwatch) and peak memory (PeakMemory).
 
 The pipeline and every tool measure through these two, so a figure in run.json, a benchmark and the
-GPU check mean the same thing.
+GPU check mean the same thing. A tool timing one block (a forward) calls `Stopwatch.restart()` before
+it and `lap()` after it; a tool measuring one block's memory reads `PeakMemory.increase()`, the peak
+above what was in use when the probe started. `proc_status_mb` is the one reader of /proc/self/status.
 """
 
 from __future__ import annotations
@@ -21,15 +23,20 @@ PROCESS_PEAK_NOTE = ("peak_memory_mb.cpu_rss is this process's lifetime peak (ru
                      "run's: the peak could not be reset here (Linux /proc/self/clear_refs)")
 
 
-def _vm_hwm_mb() -> float | None:
-    """VmHWM of /proc/self/status in MiB; None where there is no such file or line."""
+def proc_status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status in MiB (VmHWM: peak RSS, VmRSS: RSS now, RssAnon: RSS not
+    backed by a file); None where there is no such file or line."""
     try:
         for line in PROC_STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024  # "VmHWM:  123456 kB"
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _vm_hwm_mb() -> float | None:
+    return proc_status_mb("VmHWM")
 
 
 def _reset_rss_peak() -> bool:
@@ -44,14 +51,17 @@ def _reset_rss_peak() -> bool:
 class PeakMemory:
     """This run's peak memory, not the process's. A `-m` sweep runs every job in one process, and
     ru_maxrss or CUDA's max_memory_allocated alone would report the largest run so far for every
-    later run; so both high-water marks are reset when the run starts."""
+    later run; so both high-water marks are reset when the run starts. What was in use at that
+    moment is kept too, for `increase`."""
 
     def __init__(self, device: str):
         self.device = device
         self.rss_is_per_run = _reset_rss_peak()
+        self.start = {"cpu_rss": proc_status_mb("VmRSS")}
         if device.startswith("cuda"):
             init_device(device)  # before the reset: an indexed device's statistics need CUDA started
             torch.cuda.reset_peak_memory_stats(device)
+            self.start["cuda_allocated"] = torch.cuda.memory_allocated(device) / 2**20
 
     def report(self) -> dict[str, float]:
         """{"cpu_rss": MiB[, "cuda_allocated": MiB]}; see `note` for what cpu_rss covers."""
@@ -62,6 +72,14 @@ class PeakMemory:
         if self.device.startswith("cuda"):
             peak["cuda_allocated"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         return peak
+
+    def increase(self) -> dict[str, float | None]:
+        """The peaks above what was in use at the start, in MiB (unrounded): one block's own memory,
+        the weights it found loaded excluded. cpu_rss is None where the RSS peak could not be reset."""
+        peak = {"cpu_rss": _vm_hwm_mb() if self.rss_is_per_run else None}
+        if self.device.startswith("cuda"):
+            peak["cuda_allocated"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return {k: None if v is None or self.start.get(k) is None else v - self.start[k] for k, v in peak.items()}
 
     @property
     def note(self) -> str | None:
@@ -80,9 +98,21 @@ class Stopwatch:
         self._clock = time.perf_counter()
         self.started = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
-    def lap(self, stage: str) -> None:
+    def _sync(self) -> None:
         if self.device is not None and self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
+
+    def restart(self) -> None:
+        """Start the next lap now, after the device's queued work: a lap then times one block only."""
+        self._sync()
+        self._clock = time.perf_counter()
+
+    def lap(self, stage: str) -> float:
+        """Book the seconds since the last lap (or start) to `stage`; returns them unrounded (timings
+        keep milliseconds, too coarse for one small forward)."""
+        self._sync()
         now = time.perf_counter()
-        self.timings[stage] = round(now - self._clock, 3)
+        seconds = now - self._clock
+        self.timings[stage] = round(seconds, 3)
         self._clock = now
+        return seconds

@@ -19,16 +19,16 @@ What is compared, and how (so a ratio means "same work, different code"):
   (latents [B, 4, L, L] -> images), timed separately because a 512x512 encode+decode is heavy on a
   CPU (pass --latent 32 for 256x256 images); `text` (token ids [B, 77] -> [B, 77, 1024]).
 - Time: `warmup` untimed forwards of each, then `repeats` timed forwards alternating ours and the
-  reference (and which goes first), under torch.inference_mode, with torch.cuda.synchronize around
-  each on a GPU. Reported: the median seconds of each and ours/reference of the medians (< 1: ours is
+  reference (and which goes first), under torch.inference_mode, each timed by tokenflow.measure's
+  Stopwatch (which waits for the GPU's queued work before and after). Reported: the median seconds of each and ours/reference of the medians (< 1: ours is
   faster). On a shared machine other processes add noise: repeat and look at both medians.
-- Peak memory: on a GPU, torch.cuda.max_memory_allocated() minus the memory allocated before the
-  forward (after reset_peak_memory_stats). On a CPU, tracemalloc cannot see torch's allocations and
+- Peak memory (tokenflow.measure's PeakMemory.increase): on a GPU, torch.cuda.max_memory_allocated()
+  minus the memory allocated before the forward (after reset_peak_memory_stats). On a CPU, tracemalloc cannot see torch's allocations and
   RSS in a process that already ran a forward stays high (freed blocks stay in malloc's arenas), so
   each side is measured in a FRESH subprocess with glibc told to return freed memory
   (MALLOC_MMAP_THRESHOLD_=65536, MALLOC_TRIM_THRESHOLD_=0): build, one warm-up forward, then the
   kernel's high-water mark of RSS (VmHWM, reset through /proc/self/clear_refs) minus RSS before the
-  measured forward. Weights are excluded; what is left is the forward's activations and workspace.
+  measured forward (n/a where the peak cannot be reset). Weights are excluded; what is left is the forward's activations and workspace.
 - Agreement: the max abs difference of the last timed outputs (in float32), next to the reference
   output's max abs value for scale. A large difference means the timing does not compare like with like.
 
@@ -47,8 +47,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -59,6 +57,7 @@ from torch import Tensor, nn
 from clip_text.keys import IGNORED_KEYS as TEXT_IGNORED
 from clip_text.keys import normalise_transformers_keys
 from clip_text.model import TextConfig, TextEncoder
+from tokenflow.measure import PeakMemory, Stopwatch
 from tokenflow.models.checkpoint import assign_strict
 from unet.model import UNet, UNetConfig
 from vae.keys import normalise_diffusers_keys
@@ -233,11 +232,6 @@ def make_cases(model: str, pair: Pair, batch: int, latent: int, dtype: torch.dty
 # ----------------------------------------------------------------------------- measuring
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def _tensors(out) -> list[Tensor]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -266,6 +260,7 @@ def time_case(case: Case, repeats: int, warmup: int, device: str) -> Timing:
     times: dict[str, list[float]] = {"ours": [], "reference": []}
     last: dict[str, Any] = {}
     fns = {"ours": case.ours, "reference": case.reference}
+    watch = Stopwatch(device)  # each lap waits for the device's queued work
     with torch.inference_mode():
         for _ in range(warmup):
             for fn in fns.values():
@@ -273,60 +268,11 @@ def time_case(case: Case, repeats: int, warmup: int, device: str) -> Timing:
         for i in range(repeats):
             for side in ("ours", "reference") if i % 2 == 0 else ("reference", "ours"):
                 last.pop(side, None)  # the previous output is not held during this forward
-                _sync(device)
-                start = time.perf_counter()
+                watch.restart()
                 last[side] = fns[side]()
-                _sync(device)
-                times[side].append(time.perf_counter() - start)
+                times[side].append(watch.lap(side))
     ref_max = max(float(t.float().abs().max()) for t in _tensors(last["reference"]))
     return Timing(times["ours"], times["reference"], max_abs_diff(last["ours"], last["reference"]), ref_max)
-
-
-class PeakRSS:
-    """High-water mark of this process's RSS over a `with` block, in MiB above RSS at its start.
-
-    The kernel keeps the exact peak (VmHWM); writing 5 to /proc/self/clear_refs resets it. Where
-    that is not allowed, a thread samples RSS every millisecond instead (can miss short peaks)."""
-
-    def __enter__(self):
-        gc.collect()
-        self.start = self.peak = _rss_mib()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.kernel = True
-        except OSError:
-            self.kernel, self.done = False, False
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def _sample(self):
-        while not self.done:
-            self.peak = max(self.peak, _rss_mib())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        if self.kernel:
-            self.peak = _status_mib("VmHWM")
-        else:
-            self.done = True
-            self.thread.join()
-            self.peak = max(self.peak, _rss_mib())
-        self.increase_mib = self.peak - self.start
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 @dataclass
@@ -350,7 +296,7 @@ def _case_of(spec: MemorySpec, pair: Pair) -> Case:
     return cases[spec.case]
 
 
-def measure_memory_here(spec: MemorySpec) -> float:
+def measure_memory_here(spec: MemorySpec) -> float | None:
     """Peak memory increase (MiB) of one forward of one side, in THIS process (the subprocess on CPU)."""
     torch.set_num_threads(spec.threads)
     pair = PAIRS[spec.model](spec.config, DTYPES[spec.dtype], spec.device, spec.seed)
@@ -358,19 +304,15 @@ def measure_memory_here(spec: MemorySpec) -> float:
     fn = getattr(_case_of(spec, pair), spec.side)
     with torch.inference_mode():
         fn()  # warm-up: one-time kernel/thread-pool set-up is not the forward's memory
-        if spec.device.startswith("cuda"):
-            _sync(spec.device)
-            torch.cuda.reset_peak_memory_stats(spec.device)
-            before = torch.cuda.memory_allocated(spec.device)
-            fn()
-            _sync(spec.device)
-            return (torch.cuda.max_memory_allocated(spec.device) - before) / 2**20
-        with PeakRSS() as peak:
-            fn()
-        return peak.increase_mib
+        gc.collect()
+        # CUDA books an allocation when the kernel is queued, not when it runs: no sync is needed
+        memory = PeakMemory(spec.device)
+        fn()
+    # None where the RSS peak cannot be reset (no /proc/self/clear_refs): the table says n/a
+    return memory.increase()["cuda_allocated" if spec.device.startswith("cuda") else "cpu_rss"]
 
 
-def measure_memory(spec: MemorySpec) -> float:
+def measure_memory(spec: MemorySpec) -> float | None:
     """Run `measure_memory_here` in a fresh Python (its allocator has seen nothing else)."""
     env = {**os.environ, **MEASURE_ENV, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
@@ -379,7 +321,8 @@ def measure_memory(spec: MemorySpec) -> float:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"tools.maintainers.bench: memory measurement of {spec.case} ({spec.side}) failed:\n{proc.stderr[-3000:]}")
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_increase_mib"])
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_increase_mib"]
+    return None if peak is None else float(peak)
 
 
 # ----------------------------------------------------------------------------- one model -> rows
