@@ -50,7 +50,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,6 +58,7 @@ import torch
 from torch import Tensor
 
 from tokenflow.edit import EditSettings, batches, keyframes_at
+from tokenflow.measure import Stopwatch
 from tokenflow.propagation import RULES, WEIGHTINGS, NNFields, Neighbours, blend, keyframe_neighbours, nn_fields
 
 from .optical_flow import flow
@@ -187,7 +187,7 @@ def run_demo(
     rules: tuple[str, ...] = RULES, weighting: str = "sigmoid", video_name: str = "clip",
 ) -> tuple[ToyResult, dict[str, Tensor], dict]:
     """The whole comparison on uint8 frames [F, H, W, 3] -> (result, videos uint8 by name, figure data)."""
-    start = time.perf_counter()
+    watch = Stopwatch()
     n, h, w, _ = frames_u8.shape
     original = frames_u8.permute(0, 3, 1, 2).float() / 255  # [F, 3, H, W]
     settings = EditSettings(mode="tokenflow", keyframe_interval=interval, seed=seed, weighting=weighting)
@@ -216,7 +216,7 @@ def run_demo(
     result = ToyResult(
         video=video_name, frames=n, size=[h, w], stride=stride, interval=interval, step=step, weighting=weighting,
         keyframes=keyframes, warp_error={k: s.mean for k, s in scores.items()}, figure_frame=figure_frame,
-        flow_agreement=agreement, seconds=time.perf_counter() - start,
+        flow_agreement=agreement, seconds=watch.lap("demo"),
         per_pair={k: s.per_pair for k, s in scores.items()},
     )
     return result, videos, figure

@@ -34,12 +34,8 @@ LOAD_UNET = r"""
 import json, sys, threading, time, torch
 from tokenflow.models.checkpoint import read_json, read_safetensors
 from tokenflow.models.loading import _fill
+from tokenflow.measure import proc_status_mb as status  # MiB, from /proc/self/status
 from unet.model import UNet, UNetConfig
-
-def status(field):  # kB -> MB, from /proc/self/status
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
 
 peak = {"anon": 0.0, "rss": 0.0}
 def sample():  # a sampling thread: the peak of anonymous memory (what a copy costs) and of all RSS
