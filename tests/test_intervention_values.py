@@ -14,7 +14,7 @@ import tokenflow.edit as edit
 from oracle_alg1 import paper_pair, released_pair
 from sampler.schedule import Schedule
 from tokenflow.controls import EditControl
-from tokenflow.edit import EditSettings, PromptEmbeddings, denoise_step, edit_start, edit_video_latents
+from tokenflow.edit import EditSettings, LoopWatch, PromptEmbeddings, denoise_step, edit_start, edit_video_latents
 from tokenflow.propagation import keyframe_neighbours, propagate
 from unet import UNet, UNetConfig
 
@@ -185,6 +185,98 @@ def test_passes_receive_their_frames_prompts_and_neighbours(reuse):
 
 
 # ---------------------------------------------------------------------------------------------
+# the loop's seam: what a LoopWatch is asked, and when
+
+
+class ShareWatch(LoopWatch):
+    """A process that owns frames 4..6 of 7 (as one torchrun rank would): it notes what the loop
+    asks of it and fills the keyframe rows it does not own from `whole` (the other rank's values)."""
+
+    def __init__(self, whole_latents, whole_source):
+        super().__init__()
+        self.whole_latents, self.whole_source = whole_latents, whole_source
+        self.events = []
+
+    def own_frames(self, n):
+        return [4, 5, 6]
+
+    def share_keyframes(self, latents, source, keyframes):
+        self.events.append(("share", list(keyframes)))
+        latents[keyframes], source[keyframes] = self.whole_latents[keyframes], self.whole_source[keyframes]
+
+    def make_control(self, frames, **kwargs):
+        self.events.append(("control", frames, kwargs.get("record") is not None))
+        return super().make_control(frames, **kwargs)
+
+    def forwarded(self, frames):
+        self.events.append(("forward", list(frames)))
+        super().forwarded(frames)
+
+    def step_done(self, step, t, latents):
+        self.events.append(("done", step, t))
+
+
+def test_a_watch_that_owns_some_frames_gets_exactly_their_rows():
+    schedule = Schedule()
+    ts = schedule.timesteps(2).tolist()
+    n, keyframes = 7, [1, 5]
+    whole = torch.randn(n, 4, 2, 2)
+    whole_source = torch.randn(n, 4, 2, 2)
+    settings = EditSettings(mode="tokenflow", keyframe_interval=4, batch_size=2)
+    t, t_prev = ts
+    want = denoise_step(BranchStub(), schedule, settings, stub_prompts(), whole, whole_source, t, t_prev, settings.injection(0, 2), keyframes)
+    mine = torch.full_like(whole, float("nan"))  # this process holds only its own rows
+    mine[4:] = whole[4:]
+    source = torch.full_like(whole, float("nan"))
+    source[4:] = whole_source[4:]
+    watch = ShareWatch(whole, whole_source)
+    got = denoise_step(BranchStub(), schedule, settings, stub_prompts(), mine, source, t, t_prev, settings.injection(0, 2), keyframes, watch)
+    torch.testing.assert_close(got[4:], want[4:], rtol=0, atol=0)
+    # the keyframes are shared before the keyframe pass; then only own frames go through the UNet
+    # (keyframe 5 takes its step from the keyframe pass: reuse)
+    assert watch.events == [("share", [1, 5]), ("control", 2, True), ("forward", [1, 5]),
+                            ("control", 2, False), ("forward", [4, 6])]
+    assert watch.unet_frame_forwards == 4
+
+
+def test_the_loop_reports_each_step_and_runs_only_own_frames():
+    schedule = Schedule()
+    ts = schedule.timesteps(3).tolist()
+    n = 7
+    source = {t: torch.randn(n, 4, 2, 2) for t in ts}
+    clean = torch.randn(n, 4, 2, 2)
+    watch = ShareWatch(torch.zeros(n, 4, 2, 2), torch.zeros(n, 4, 2, 2))
+    settings = EditSettings(mode="per_frame", batch_size=2)
+    latents, record = edit_video_latents(BranchStub(), schedule, settings, stub_prompts(), source, clean, ts, watch)
+    assert [e for e in watch.events if e[0] == "done"] == [("done", i, t) for i, t in enumerate(ts)]
+    assert [e[1] for e in watch.events if e[0] == "forward"] == [[4, 5], [6]] * len(ts)
+    assert record.timesteps == ts and record.keyframes == []
+
+
+def test_step_done_can_end_the_edit():
+    class Stop(LoopWatch):
+        def step_done(self, step, t, latents):
+            if step == 1:
+                raise KeyboardInterrupt
+
+    schedule = Schedule()
+    ts = schedule.timesteps(4).tolist()
+    watch = Stop()
+    with pytest.raises(KeyboardInterrupt):
+        edit_video_latents(BranchStub(), schedule, EditSettings(mode="per_frame"), stub_prompts(),
+                           {t: torch.randn(2, 4, 2, 2) for t in ts}, torch.randn(2, 4, 2, 2), ts, watch)
+    assert watch.unet_frame_forwards == 2 * 2  # two steps of two frames ran, no more
+
+
+def test_unknown_mode_is_refused_by_the_step():
+    settings = EditSettings(mode="per_frame")
+    settings.mode = "magic"  # past the settings' own check
+    latents = torch.randn(2, 4, 2, 2)
+    with pytest.raises(ValueError, match="unknown mode 'magic'"):
+        denoise_step(BranchStub(), Schedule(), settings, stub_prompts(), latents, latents, 981, 961, settings.injection(0, 1), None)
+
+
+# ---------------------------------------------------------------------------------------------
 # PnP: which layers take the source's q/k and residuals, at which steps, in which branches
 
 
@@ -245,7 +337,7 @@ def test_pnp_injection_steps_over_an_edit(monkeypatch):
     features for the first 80%, none for SDEdit."""
     seen = []
 
-    def fake_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, **kw):
+    def fake_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch=None):
         seen.append((pnp.qk_layers, pnp.feature_layers))
         return latents
 
@@ -298,21 +390,23 @@ def test_keyframe_reuse_saves_forwards_and_changes_nothing():
     n = 7
     source = {t: torch.randn(n, 4, 8, 8) for t in ts}
     prompts = PromptEmbeddings(*(torch.randn(1, 77, 64) for _ in range(3)))
-    out = {}
+    out, watches = {}, {}
     for reuse in (True, False):
         settings = EditSettings(keyframe_interval=3, batch_size=4, reuse_keyframes=reuse)
-        out[reuse] = edit_video_latents(unet, schedule, settings, prompts, source, torch.randn(n, 4, 8, 8), ts)
+        watches[reuse] = LoopWatch()
+        out[reuse] = edit_video_latents(unet, schedule, settings, prompts, source, torch.randn(n, 4, 8, 8), ts, watches[reuse])
     (latents_reused, rec_reused), (latents_full, rec_full) = out[True], out[False]
     assert rec_reused.keyframes == rec_full.keyframes
     keyframes = sum(len(k) for k in rec_full.keyframes)
-    assert rec_full.unet_frame_forwards == 3 * n + keyframes
-    assert rec_reused.unet_frame_forwards == 3 * n
+    assert watches[False].unet_frame_forwards == 3 * n + keyframes
+    assert watches[True].unet_frame_forwards == 3 * n
     # equal to float rounding (other batch compositions): 1e-5 of the latents' scale (up to ~10 here)
     assert (latents_reused - latents_full).abs().max().item() <= 1e-5 * latents_full.abs().max().item()
     # the released rule blends two groups' keyframes even at a keyframe: nothing to reuse there
     released = EditSettings(keyframe_interval=3, batch_size=4, propagation="released")
-    _, rec = edit_video_latents(unet, schedule, released, prompts, source, torch.randn(n, 4, 8, 8), ts)
-    assert rec.unet_frame_forwards == 3 * n + keyframes
+    watch = LoopWatch()
+    edit_video_latents(unet, schedule, released, prompts, source, torch.randn(n, 4, 8, 8), ts, watch)
+    assert watch.unet_frame_forwards == 3 * n + keyframes
 
 
 # ---------------------------------------------------------------------------------------------

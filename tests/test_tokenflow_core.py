@@ -9,7 +9,8 @@ import torch
 
 from sampler.schedule import Schedule
 from tokenflow.controls import EditControl, KeyframeTokens, Propagation
-from tokenflow.edit import MODES, EditSettings, PromptEmbeddings, edit_video_latents
+from tokenflow.config import EDIT_MODES, ConfigError, RunConfig
+from tokenflow.edit import EditSettings, PromptEmbeddings, edit_video_latents
 from tokenflow.keyframes import fixed_keyframes, random_keyframes
 from tokenflow.propagation import keyframe_neighbours, nn_field, propagate
 from unet import UNet, UNetConfig, attention
@@ -191,7 +192,7 @@ def tiny_edit_inputs(n=6):
     return unet, schedule, ts, source, torch.randn(n, 4, 8, 8), prompts
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", EDIT_MODES)
 def test_seeded_edit_is_bit_identical(mode):
     unet, schedule, ts, source, clean, prompts = tiny_edit_inputs()
     settings = EditSettings(mode=mode, keyframe_interval=3, batch_size=4, seed=7)
@@ -207,12 +208,21 @@ def test_modes_differ_and_settings_are_validated():
     unet, schedule, ts, source, clean, prompts = tiny_edit_inputs()
     outs = {m: edit_video_latents(unet, schedule, EditSettings(mode=m, keyframe_interval=3), prompts, source, clean, ts)[0] for m in ("tokenflow", "per_frame")}
     assert not torch.allclose(outs["tokenflow"], outs["per_frame"])
-    with pytest.raises(ValueError, match="tokenflow.mode"):
+    # the config's checks, naming the override as the user types it
+    with pytest.raises(ConfigError, match="tokenflow.mode must be one of"):
         EditSettings(mode="magic")
-    with pytest.raises(ValueError, match="pnp_qk_fraction"):
+    with pytest.raises(ConfigError, match="runs no edit loop"):
+        EditSettings(mode="reconstruction")  # a run mode, not one of Alg. 1's
+    with pytest.raises(ConfigError, match=r"method.qk_fraction must be in \[0, 1\], got 1.5"):
         EditSettings(pnp_qk_fraction=1.5)
+    with pytest.raises(ConfigError, match="tokenflow.keyframe_interval must be an integer >= 1"):
+        EditSettings(keyframe_interval=0)
+    with pytest.raises(ConfigError, match="unknown method ddim"):
+        EditSettings(method="ddim")
+    with pytest.raises(ConfigError, match="guidance_scale must be a number"):
+        EditSettings(guidance_scale="7.5")
     for strength in (0.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match=r"strength.*\(0, 1\]"):
+        with pytest.raises(ConfigError, match=r"method.strength must be in \(0, 1\]"):
             EditSettings(method="sdedit", sdedit_strength=strength)
     assert EditSettings(method="sdedit", sdedit_strength=1.0).sdedit_strength == 1.0
     inj = EditSettings().injection(0, 50)
@@ -221,6 +231,24 @@ def test_modes_differ_and_settings_are_validated():
     assert EditSettings().injection(25, 50).qk_layers == () and EditSettings().injection(39, 50).feature_layers
     assert EditSettings().injection(40, 50).feature_layers == ()
     assert EditSettings(method="sdedit").injection(0, 50).qk_layers == ()
+
+
+def test_settings_come_from_the_run_config():
+    """EditSettings' defaults are the config's, and from_config carries every loop setting over."""
+    assert EditSettings.from_config(RunConfig()) == EditSettings()
+    cfg = RunConfig.from_dict({
+        "seed": 5, "guidance_scale": 3.0, "method": {"name": "pnp", "qk_fraction": 0.2, "feature_fraction": 0.4,
+                                                    "qk_layers": ["up_blocks.3.attentions.0"], "feature_layers": []},
+        "tokenflow": {"mode": "fixed_keyframes", "keyframe_interval": 3, "weighting": "linear", "reuse_keyframes": False,
+                      "batch_size": 2, "query_chunk": 64},
+    })
+    assert EditSettings.from_config(cfg) == EditSettings(
+        mode="fixed_keyframes", method="pnp", guidance_scale=3.0, keyframe_interval=3, weighting="linear",
+        propagation="paper", reuse_keyframes=False, batch_size=2, seed=5, pnp_qk_fraction=0.2, pnp_feature_fraction=0.4,
+        pnp_qk_layers=("up_blocks.3.attentions.0",), pnp_feature_layers=(), query_chunk=64)
+    sdedit = EditSettings.from_config(RunConfig.from_dict({"method": {"name": "sdedit", "strength": 0.3},
+                                                           "tokenflow": {"propagation": "released"}}))
+    assert (sdedit.method, sdedit.sdedit_strength, sdedit.propagation) == ("sdedit", 0.3, "released")
 
 
 def test_keyframes_of_a_step_are_a_function_of_seed_and_step():

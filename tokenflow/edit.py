@@ -1,4 +1,4 @@
-"""The TokenFlow sampling loop (paper Alg. 1), on latents. I/O-free: see pipeline.py for video in/out.
+"""The TokenFlow sampling loop (paper Alg. 1), on latents. I/O-free: the pipeline reads and writes the video.
 
 At each denoising step t (Alg. 1):
   1. sample keyframe indices (keyframes.py);
@@ -8,6 +8,8 @@ At each denoising step t (Alg. 1):
      outputs Eq. 6 of the recorded tokens through the NN field (Eq. 5) of the original features;
   4. DDIM step of every frame with classifier-free guidance.
 The editing technique (PnP-Diffusion or SDEdit) acts through the same passes (controls.py).
+Whoever distributes the loop (torchrun's frame shares) or watches it (progress, feature capture,
+counting forwards) does so through one `LoopWatch`, never through the step's own parameters.
 
 Modes (the paper's ablations, `tokenflow.mode=`): `tokenflow` (default), `fixed_keyframes` (same
 evenly spaced keyframes every step), `per_frame` (the editing technique on each frame alone) and
@@ -19,7 +21,7 @@ authors' released code: group-centre weights, source branch propagated too); see
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -28,60 +30,72 @@ from sampler.ddim import classifier_free_guidance, ddim_step, sdedit_start, stat
 from sampler.schedule import Schedule
 from unet.model import UNet
 
+from .config import (
+    EDIT_MODES, METHODS, PNP_FEATURE_LAYERS, PNP_QK_LAYERS, ConfigError, PnPConfig, RunConfig, SDEditConfig,
+    TokenFlowConfig,
+)
 from .controls import EditControl, KeyframeTokens, PnPInjection, Propagation
 from .keyframes import fixed_keyframes, random_keyframes
-from .propagation import RULES, keyframe_neighbours
+from .propagation import keyframe_neighbours
 
-MODES = ("tokenflow", "fixed_keyframes", "per_frame", "extended_all")
-METHODS = ("pnp", "sdedit")
-
-# PnP-Diffusion's injection layers for SD-2.1 (sd21.md): decoder self-attention q/k, one resnet.
-PNP_QK_LAYERS = (
-    "up_blocks.1.attentions.1", "up_blocks.1.attentions.2",
-    "up_blocks.2.attentions.0", "up_blocks.2.attentions.1", "up_blocks.2.attentions.2",
-    "up_blocks.3.attentions.0", "up_blocks.3.attentions.1", "up_blocks.3.attentions.2",
-)
-PNP_FEATURE_LAYERS = ("up_blocks.1.resnets.1",)
+if TYPE_CHECKING:
+    from .distributed import FrameShard
 
 
 @dataclass
 class EditSettings:
-    mode: str = "tokenflow"
-    method: str = "pnp"
-    guidance_scale: float = 7.5
-    keyframe_interval: int = 8
-    weighting: str = "sigmoid"  # Eq. 7 as printed; "linear": w = d- / (d+ + d-)
-    propagation: str = "paper"  # which keyframes a frame blends: "paper" (Eq. 6-7) or "released" (authors' code)
-    reuse_keyframes: bool = True  # paper rule: a keyframe's step comes from the keyframe pass (see denoise_step)
-    batch_size: int = 8  # frames per forward in the propagation / per-frame passes
-    seed: int = 0
-    pnp_qk_fraction: float = 0.5  # q/k injection for the first 50% of steps
-    pnp_feature_fraction: float = 0.8  # residual feature injection for the first 80%
-    pnp_qk_layers: tuple[str, ...] = PNP_QK_LAYERS
-    pnp_feature_layers: tuple[str, ...] = PNP_FEATURE_LAYERS
-    sdedit_strength: float = 0.6
-    query_chunk: int | None = None  # bound the extended attention's score matrix (None: SDPA decides)
+    """What Alg. 1's loop needs of a run's settings, flattened. Every default and every check is
+    tokenflow.config's (the fields below name their source); `from_config` reads a RunConfig."""
+
+    mode: str = TokenFlowConfig.mode  # one of config.EDIT_MODES (reconstruction runs no loop)
+    method: str = PnPConfig.name  # pnp | sdedit
+    guidance_scale: float = RunConfig.guidance_scale
+    keyframe_interval: int = TokenFlowConfig.keyframe_interval
+    weighting: str = TokenFlowConfig.weighting  # Eq. 7 as printed; "linear": w = d- / (d+ + d-)
+    propagation: str = TokenFlowConfig.propagation  # "paper" (Eq. 6-7) or "released" (authors' code)
+    reuse_keyframes: bool = TokenFlowConfig.reuse_keyframes  # paper rule: a keyframe's step comes from the keyframe pass
+    batch_size: int = TokenFlowConfig.batch_size  # frames per forward in the propagation / per-frame passes
+    seed: int = RunConfig.seed
+    pnp_qk_fraction: float = PnPConfig.qk_fraction  # q/k injection for this first fraction of the steps
+    pnp_feature_fraction: float = PnPConfig.feature_fraction  # residual feature injection, likewise
+    pnp_qk_layers: tuple[str, ...] = tuple(PNP_QK_LAYERS)
+    pnp_feature_layers: tuple[str, ...] = tuple(PNP_FEATURE_LAYERS)
+    sdedit_strength: float = SDEditConfig.strength
+    query_chunk: int | None = TokenFlowConfig.query_chunk  # bound the extended attention's score matrix (None: SDPA decides)
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"tokenflow.mode must be one of {MODES}, got {self.mode!r}")
-        if self.propagation not in RULES:
-            raise ValueError(f"tokenflow.propagation must be one of {RULES}, got {self.propagation!r}")
-        if self.propagation == "released" and self.mode == "fixed_keyframes":
-            raise ValueError("tokenflow.propagation=released pairs each interval with its own drawn keyframe; "
-                             "fixed_keyframes spaces them evenly instead: use tokenflow.propagation=paper with it")
+        # the config's own checks, so a bad value reads the same (naming the override) wherever it is set
+        tokenflow = TokenFlowConfig(
+            mode=self.mode, keyframe_interval=self.keyframe_interval, weighting=self.weighting,
+            propagation=self.propagation, reuse_keyframes=self.reuse_keyframes, batch_size=self.batch_size,
+            query_chunk=self.query_chunk,
+        )
+        if self.mode not in EDIT_MODES:
+            raise ConfigError(f"tokenflow.mode={self.mode} runs no edit loop (it only encodes and decodes); "
+                              f"the loop's modes are {', '.join(EDIT_MODES)}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.batch_size < 1 or self.keyframe_interval < 1:
-            raise ValueError(f"batch_size and keyframe_interval must be >= 1, got {self.batch_size}, {self.keyframe_interval}")
-        for name in ("pnp_qk_fraction", "pnp_feature_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        # checked here, not only where sampling starts: a bad strength should fail before the
-        # models load and the video is inverted, not after
-        if not 0.0 < self.sdedit_strength <= 1.0:
-            raise ValueError(f"sdedit strength (method.strength) must be in (0, 1], got {self.sdedit_strength}")
+            raise ConfigError(f"unknown method {self.method} (choose one of {', '.join(METHODS)})")
+        # both techniques' values are checked whichever runs: a bad one fails now, not when it is switched on
+        pnp = PnPConfig(qk_fraction=self.pnp_qk_fraction, feature_fraction=self.pnp_feature_fraction,
+                        qk_layers=list(self.pnp_qk_layers), feature_layers=list(self.pnp_feature_layers))
+        sdedit = SDEditConfig(strength=self.sdedit_strength)
+        RunConfig(seed=self.seed, guidance_scale=self.guidance_scale, tokenflow=tokenflow,
+                  method=pnp if self.method == "pnp" else sdedit)
         self.pnp_qk_layers, self.pnp_feature_layers = tuple(self.pnp_qk_layers), tuple(self.pnp_feature_layers)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> EditSettings:
+        """The loop's settings of a run (cfg.tokenflow, cfg.method, cfg.guidance_scale, cfg.seed)."""
+        tf, method = cfg.tokenflow, cfg.method
+        pnp = method if isinstance(method, PnPConfig) else PnPConfig()
+        sdedit = method if isinstance(method, SDEditConfig) else SDEditConfig()
+        return cls(
+            mode=tf.mode, method=method.name, guidance_scale=cfg.guidance_scale, keyframe_interval=tf.keyframe_interval,
+            weighting=tf.weighting, propagation=tf.propagation, reuse_keyframes=tf.reuse_keyframes,
+            batch_size=tf.batch_size, seed=cfg.seed, pnp_qk_fraction=pnp.qk_fraction,
+            pnp_feature_fraction=pnp.feature_fraction, pnp_qk_layers=tuple(pnp.qk_layers),
+            pnp_feature_layers=tuple(pnp.feature_layers), sdedit_strength=sdedit.strength, query_chunk=tf.query_chunk,
+        )
 
     def injection(self, step: int, n_steps: int) -> PnPInjection:
         """PnP injects for the first fraction of the steps; SDEdit never."""
@@ -104,9 +118,42 @@ class PromptEmbeddings:
 
 @dataclass
 class EditRecord:
-    keyframes: list[list[int]] = field(default_factory=list)  # per step
-    timesteps: list[int] = field(default_factory=list)
-    unet_frame_forwards: int = 0  # frames through the UNet (each with its 3 branches), all steps
+    """What Alg. 1 decided during an edit."""
+
+    keyframes: list[list[int]] = field(default_factory=list)  # per step (TokenFlow modes)
+    timesteps: list[int] = field(default_factory=list)  # the steps run, in order
+
+
+class LoopWatch:
+    """How a caller drives or watches Alg. 1's loop: the one seam between the algorithm and whatever
+    distributes it (torchrun's frame shares) or observes it (progress, feature capture, counting).
+    The defaults: one process, nobody watching. Subclass and override what you need."""
+
+    def __init__(self, shard: FrameShard | None = None):
+        self.shard = shard  # distributed.FrameShard under torchrun: this process's frames
+        self.unet_frame_forwards = 0  # frames through the UNet (each with its 3 branches), all steps
+
+    def own_frames(self, n: int) -> list[int]:
+        """The rows this process computes in the propagation / per-frame pass (of n frames)."""
+        return list(range(n)) if self.shard is None else list(self.shard.frames)
+
+    def share_keyframes(self, latents: Tensor, source: Tensor, keyframes: list[int]) -> None:
+        """Before a step's keyframe pass: the keyframes' rows of `latents` and `source` [n, 4, h, w]
+        must hold their values on this process (torchrun: filled from the ranks owning them)."""
+        if self.shard is not None:
+            self.shard.share_keyframes(latents, source, keyframes)
+
+    def make_control(self, frames: int, **kwargs) -> EditControl:
+        """Every pass's control is built here (a tool that records tokens returns a subclass)."""
+        return EditControl(frames, **kwargs)
+
+    def forwarded(self, frames: list[int]) -> None:
+        """Once per UNet forward, with the frames it carried."""
+        self.unet_frame_forwards += len(frames)
+
+    def step_done(self, step: int, t: int, latents: Tensor) -> None:
+        """After each denoising step, with the latents it produced (progress bars tick here; raising
+        ends the edit, e.g. KeyboardInterrupt)."""
 
 
 def require_inverted(source_latents: dict[int, Tensor], timesteps: list[int]) -> None:
@@ -162,27 +209,20 @@ def keyframes_at(settings: EditSettings, n: int, step: int) -> list[int] | None:
     return None
 
 
-# The controls of a step are built through this callable (EditControl itself by default); a tool
-# that records tokens passes a subclass, explicitly, instead of hooking the UNet.
-ControlFactory = Callable[..., EditControl]
-
-
 def denoise_step(
     unet: UNet, schedule: Schedule, settings: EditSettings, prompts: PromptEmbeddings, latents: Tensor, source: Tensor,
-    t: int, t_prev: int, pnp: PnPInjection, keyframes: list[int] | None, make_control: ControlFactory = EditControl,
-    own_frames: list[int] | None = None, record: EditRecord | None = None,
+    t: int, t_prev: int, pnp: PnPInjection, keyframes: list[int] | None, watch: LoopWatch | None = None,
 ) -> Tensor:
     """One step of Alg. 1 for every frame of `latents` [n, 4, h, w] (source: the original video's
-    x_t, same shape) -> the latents at t_prev. `own_frames`: compute only these frames in the
-    propagation / per-frame pass (one rank's share under torchrun; the other rows of the result are
-    not set); the keyframe pass still takes the keyframes' rows, which must hold their values.
-    `record`: counts the frames sent through the UNet."""
+    x_t, same shape) -> the latents at t_prev. `watch` builds the passes' controls and sees each
+    forward; under torchrun it names this process's rows (the others of the result are not set)
+    and fills the keyframes' rows before the keyframe pass."""
+    watch = LoopWatch() if watch is None else watch
     n = latents.shape[0]
-    own = list(range(n)) if own_frames is None else list(own_frames)
+    own = watch.own_frames(n)
 
     def forward(frames: list[int], control: EditControl) -> Tensor:
-        if record is not None:
-            record.unet_frame_forwards += len(frames)
+        watch.forwarded(frames)
         return guided_output(unet, latents[frames], source[frames], t, prompts, control, settings.guidance_scale)
 
     def denoise(frames: list[int], control: EditControl) -> Tensor:
@@ -190,10 +230,11 @@ def denoise_step(
 
     new = torch.empty_like(latents)
     if settings.mode in ("tokenflow", "fixed_keyframes"):
+        watch.share_keyframes(latents, source, keyframes)
         # (I) keyframe pass: joint edit with extended attention; it records the tokens propagation uses
         released = settings.propagation == "released"
         tokens = KeyframeTokens(keyframes, record_source_outputs=released)
-        control = make_control(len(keyframes), pnp=pnp, joint_frames=len(keyframes), record=tokens, query_chunk=settings.query_chunk)
+        control = watch.make_control(len(keyframes), pnp=pnp, joint_frames=len(keyframes), record=tokens, query_chunk=settings.query_chunk)
         keyframe_out = forward(keyframes, control)  # [K, 4, h, w] guided
         # (II) propagation pass over every frame. Under the paper's rule a keyframe is its own past
         # and future keyframe: its NN field onto itself is the identity, so Eq. 6 hands back its
@@ -214,35 +255,35 @@ def denoise_step(
         ).to(latents.device)  # once per step, not per layer
         for frames in ([own[i] for i in b] for b in batches(len(own), settings.batch_size)):
             propagation = Propagation(tokens, neighbours.subset(frames), propagate_source=released)
-            new[frames] = denoise(frames, make_control(len(frames), pnp=pnp, propagation=propagation))
+            new[frames] = denoise(frames, watch.make_control(len(frames), pnp=pnp, propagation=propagation))
     elif settings.mode == "per_frame":
         for frames in ([own[i] for i in b] for b in batches(len(own), settings.batch_size)):
-            new[frames] = denoise(frames, make_control(len(frames), pnp=pnp))
-    else:  # extended_all: every frame attends to every frame; memory grows with n^2 on CPU
+            new[frames] = denoise(frames, watch.make_control(len(frames), pnp=pnp))
+    elif settings.mode == "extended_all":  # every frame attends to every frame (one process: n^2 memory)
         frames = list(range(n))
-        new[:] = denoise(frames, make_control(n, pnp=pnp, joint_frames=n, query_chunk=settings.query_chunk))
+        new[:] = denoise(frames, watch.make_control(n, pnp=pnp, joint_frames=n, query_chunk=settings.query_chunk))
+    else:
+        raise ValueError(f"denoise_step: unknown mode {settings.mode!r} (one of {', '.join(EDIT_MODES)})")
     return new
 
 
 @torch.no_grad()
 def edit_video_latents(
     unet: UNet, schedule: Schedule, settings: EditSettings, prompts: PromptEmbeddings,
-    source_latents: dict[int, Tensor], clean_latents: Tensor, timesteps: list[int],
-    progress: Callable[[Iterable], Iterable] | None = None, shard=None,
+    source_latents: dict[int, Tensor], clean_latents: Tensor, timesteps: list[int], watch: LoopWatch | None = None,
 ) -> tuple[Tensor, EditRecord]:
     """Alg. 1 on latents. source_latents: {t: [n, 4, h, w]} the inverted original video at every
     sampling timestep; clean_latents: [n, 4, h, w]. Returns the edited clean latents and a record.
     The latents between steps stay in float32 whatever the UNet's dtype (sampler.ddim.state_dtype).
-    `progress` wraps the step iterator (a bar; it may also stop the loop early). `shard`
-    (distributed.FrameShard, torchrun): compute only its frames' rows; it fills each step's keyframe
-    rows from the ranks that own them."""
+    `watch` (LoopWatch) drives the steps' passes and sees each step end; under torchrun only its
+    own rows of the result are computed."""
+    watch = LoopWatch() if watch is None else watch
     n = clean_latents.shape[0]
     latents, timesteps = edit_start(settings, schedule, timesteps, source_latents, clean_latents)
     require_inverted(source_latents, timesteps)
+    own = watch.own_frames(n)
     record = EditRecord()
-    steps = range(len(timesteps)) if progress is None else progress(range(len(timesteps)))
-    for step in steps:
-        t = timesteps[step]
+    for step, t in enumerate(timesteps):
         t_prev = timesteps[step + 1] if step + 1 < len(timesteps) else -1
         keyframes = keyframes_at(settings, n, step)
         record.timesteps.append(int(t))
@@ -250,11 +291,9 @@ def edit_video_latents(
             record.keyframes.append(keyframes)
         pnp = settings.injection(step, len(timesteps))
         source = source_latents[t].to(latents)
-        if shard is not None and keyframes is not None:
-            shard.share_keyframes(latents, source, keyframes)
-        own = None if shard is None else shard.frames
-        new = denoise_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, own_frames=own, record=record)
-        if not torch.isfinite(new if own is None else new[own]).all():
+        new = denoise_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch)
+        if not torch.isfinite(new if len(own) == n else new[own]).all():
             raise FloatingPointError(f"edit: non-finite latents at step {step} (t={t}); try float32 or a lower guidance scale")
         latents = new
+        watch.step_done(step, int(t), latents)
     return latents, record
