@@ -9,21 +9,17 @@ from pathlib import Path
 
 import av
 import numpy as np
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+
+from tokenflow.config import RunConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_RATE = 44100
 
 
-def run_config(tmp_path, *overrides) -> dict:
-    """The resolved config of a fast tiny-model run (2 steps, 4 inversion steps) caching under tmp_path."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose("config", overrides=[
-            "model=tiny", "size=64", "steps=2", "inversion.steps=4", "progress=false",
-            f"inversion.cache_dir={tmp_path / 'cache'}", *overrides,
-        ])
-    return OmegaConf.to_container(cfg, resolve=True)
+def run_config(tmp_path, *overrides) -> RunConfig:
+    """The settings of a fast tiny-model run (2 steps, 4 inversion steps) caching under tmp_path."""
+    return load_config(["model=tiny", "size=64", "steps=2", "inversion.steps=4", "progress=false",
+                        f"inversion.cache_dir={tmp_path / 'cache'}", *overrides])
 
 
 def patches(n: int, h: int, w: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The `tokenflow` command line as a person types it: prompts with any text (through the real console
-script), prompt files, typos refused with the nearest key, the size default, the mode error, a
-failed run's folder, and Ctrl-C during inversion."""
+script), prompt files, typos refused with the nearest key, the size default, a failed run's folder,
+run folders of simultaneous runs, and Ctrl-C during inversion."""
 
 import json
 import os
@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from tokenflow import cli, pipeline
+from tokenflow.config import load_config
+from tokenflow.inputs import load_video
+from tokenflow.interrupt import RunInterrupted
+from tokenflow.overrides import UsageError, prepare
 from tokenflow.media import write_video
 from tokenflow.media.sample_clip import make_sample_clip
 
@@ -36,10 +38,8 @@ PROMPTS = {
 
 
 def composed(args: list[str]) -> dict:
-    """conf/config.yaml composed from a command line after cli.prepare_argv, resolved."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose("config", overrides=cli.prepare_argv(args))
-    return OmegaConf.to_container(cfg, resolve=True)
+    """The settings of a command line, as the command composes them."""
+    return load_config(args).to_dict()
 
 
 def tokenflow(*args, cwd, timeout=300):
@@ -73,13 +73,13 @@ def test_prompt_file_reads_a_long_prompt(tmp_path):
     res = tokenflow("--cfg", "job", "--resolve", f"prompt_file={tmp_path / 'prompt.txt'}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert yaml.safe_load(res.stdout)["prompt"] == text
-    with pytest.raises(cli.UsageError, match="no-such.txt: no such file"):
-        cli.prepare_argv([f"prompt_file={tmp_path / 'no-such.txt'}"])
+    with pytest.raises(UsageError, match="no-such.txt: no such file"):
+        prepare([f"prompt_file={tmp_path / 'no-such.txt'}"])
     (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(cli.UsageError, match="empty"):
-        cli.prepare_argv([f"prompt_file={tmp_path / 'empty.txt'}"])
-    with pytest.raises(cli.UsageError, match="prompt is given twice"):
-        cli.prepare_argv(["prompt=a cat", f"prompt_file={tmp_path / 'prompt.txt'}"])
+    with pytest.raises(UsageError, match="empty"):
+        prepare([f"prompt_file={tmp_path / 'empty.txt'}"])
+    with pytest.raises(UsageError, match="prompt is given twice"):
+        prepare(["prompt=a cat", f"prompt_file={tmp_path / 'prompt.txt'}"])
 
 
 @pytest.mark.parametrize("arg,hint", [
@@ -91,21 +91,20 @@ def test_prompt_file_reads_a_long_prompt(tmp_path):
     ("+sead=3", "did you mean seed?"),
 ])
 def test_unknown_keys_are_refused_with_the_nearest_known_key(tmp_path, arg, hint):
-    with pytest.raises(cli.UsageError, match=hint.replace("?", r"\?")):
-        cli.prepare_argv([arg])
+    with pytest.raises(UsageError, match=hint.replace("?", r"\?")):
+        prepare([arg])
     res = tokenflow("model=tiny", arg, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert res.returncode == 2 and hint in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_known_overrides_and_hydra_flags_pass_through():
-    args = ["-m", "model=tiny", "tokenflow.mode=tokenflow,per_frame", "hydra.run.dir=x", "+model.extra=1", "~seed"]
-    assert cli.prepare_argv(args) == args
+    args = ["-m", "model=tiny", "tokenflow.mode=tokenflow,per_frame", "hydra.run.dir=x", "++seed=3", "hydra/launcher=basic"]
+    assert prepare(args) == args
 
 
-def native_size_cfg(model: str, *overrides) -> dict:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return OmegaConf.to_container(compose("config", overrides=[f"model={model}", *overrides]), resolve=True)
+def native_size_cfg(model: str, *overrides):
+    return load_config([f"model={model}", *overrides])
 
 
 @pytest.mark.parametrize("model,size,expected", [
@@ -118,24 +117,14 @@ def native_size_cfg(model: str, *overrides) -> dict:
 def test_size_defaults_to_the_models_native_short_side(tmp_path, model, size, expected):
     clip = write_video(tmp_path / "wide.mp4", torch.randint(0, 255, (2, 96, 160, 3), dtype=torch.uint8), 10)
     cfg = native_size_cfg(model, f"video={clip}", *([size] if size else []))
-    video = pipeline.load_video(cfg)
+    video = load_video(cfg)
     assert (video.height, video.width) == expected
 
 
-def test_size_rejects_an_unknown_word(tmp_path):
-    cfg = native_size_cfg("tiny", "size=native")
-    with pytest.raises(ValueError, match="size must be null.*full"):
-        pipeline.load_video(cfg)
-
-
-def test_unknown_mode_lists_every_documented_mode(tmp_path):
-    cfg = native_size_cfg("tiny", "tokenflow.mode=magic")
-    with pytest.raises(ValueError) as err:
-        pipeline.run_edit(cfg, tmp_path / "run")
-    for mode in ("tokenflow", "fixed_keyframes", "per_frame", "extended_all", "reconstruction"):
-        assert mode in str(err.value)
-    documented = (REPO / "conf" / "config.yaml").read_text().split("mode: tokenflow")[1].split("\n")[0]
-    assert all(mode in documented for mode in pipeline.ALL_MODES)
+def test_size_rejects_an_unknown_word_before_hydra_runs_the_job(tmp_path):
+    res = tokenflow("model=tiny", "size=native", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 2 and "error: size must be null" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_failed_run_leaves_no_folder(tmp_path):
@@ -146,9 +135,35 @@ def test_failed_run_leaves_no_folder(tmp_path):
     # a folder that already held files keeps them, and says so
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "notes.txt").write_text("mine")
+    (tmp_path / "kept" / ".hydra").mkdir()
+    (tmp_path / "kept" / ".hydra" / "config.yaml").write_text("an earlier run's")
+    before = snapshot(tmp_path / "kept")
     res = tokenflow("model=tiny", f"video={tmp_path / 'missing.mp4'}", f"hydra.run.dir={tmp_path / 'kept'}", cwd=tmp_path)
     assert res.returncode == 2 and "keeps the files it held before" in res.stderr
-    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
+    assert snapshot(tmp_path / "kept") == before  # exactly as it was, .hydra/ included
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file and folder under `folder` with its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))} | {".": folder.stat().st_mtime_ns}
+
+
+def test_runs_started_together_write_to_their_own_folders(tmp_path):
+    clip = make_sample_clip(tmp_path / "clip.mp4", frames=2, size=64, fps=10)
+    args = [TOKENFLOW, f"video={clip}", "model=tiny", "size=64", "steps=1", "inversion.steps=2", "progress=false",
+            f"inversion.cache_dir={tmp_path / 'cache'}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    procs = [subprocess.Popen([*args, f"seed={k}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    runs = sorted((tmp_path / "outputs").glob("*/*/run.json"))
+    assert len(runs) == 3  # three folders, each with its own run (named by the second, then -2, -3 when taken)
+    assert all(json.loads(r.read_text())["frames"] == 2 for r in runs)
+    seeds = sorted(yaml.safe_load((r.parent / "config.yaml").read_text())["seed"] for r in runs)
+    assert seeds == [0, 1, 2]
+    assert not list((tmp_path / "outputs").rglob(".hydra")) and not list((tmp_path / "outputs").rglob("*.log"))
 
 
 def test_ctrl_c_during_inversion_prints_one_line_and_leaves_nothing(tmp_path):
@@ -186,7 +201,7 @@ def test_random_weights_are_said_on_the_console_and_in_run_facts(tmp_path):
                     f"inversion.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
                     "prompt=a wolf, in marble — l'été 🐺", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert f"warning: {pipeline.RANDOM_WEIGHTS_WARNING}" in res.stderr
+    assert f"warning: {pipeline.RANDOM_WEIGHTS_WARNING}" in res.stderr and res.stderr.count(pipeline.RANDOM_WEIGHTS_WARNING) == 2
     run = json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))
     assert run["warnings"] == [pipeline.RANDOM_WEIGHTS_WARNING] and run["prompt"] == "a wolf, in marble — l'été 🐺"
     assert "at 10 fps" in res.stdout
@@ -201,7 +216,7 @@ def test_ctrl_c_after_the_inversion_names_the_stage_and_the_whole_cache(tmp_path
     monkeypatch.setattr(pipeline, "edit_video_latents", interrupted)
     cfg = native_size_cfg("tiny", f"video={clip}", "size=64", "steps=1", "inversion.steps=2", "progress=false",
                           f"inversion.cache_dir={tmp_path / 'cache'}")
-    with pytest.raises(pipeline.RunInterrupted) as stop:
+    with pytest.raises(RunInterrupted) as stop:
         pipeline.run_edit(cfg, tmp_path / "run")
     assert str(stop.value).startswith("interrupted during editing; no outputs were written; the inverted latents of all 2 "
                                       f"frames are cached in {tmp_path / 'cache'}")

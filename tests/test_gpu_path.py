@@ -10,13 +10,14 @@ import torch
 from media_clips import run_config
 
 from sampler import sample
-from tokenflow import cli, pipeline
+from tokenflow import cli, device, pipeline
 from tokenflow.edit import EditSettings, PromptEmbeddings, edit_start, edit_video_latents
 from tokenflow.inversion import decode_latents, encode_frames, invert_frames
 from tokenflow.inversion_cache import InversionCache
 from tokenflow.media.sample_clip import make_sample_clip
 from tokenflow.models.tiny import build_tiny_models
-from tokenflow.pipeline import DeviceError, PeakMemory, Stopwatch, device_error_line
+from tokenflow.device import DeviceError, device_error_line
+from tokenflow.measure import PeakMemory, Stopwatch
 
 
 class FakeCuda:
@@ -72,7 +73,7 @@ def test_device_problems_are_device_errors_naming_the_device(monkeypatch):
         PeakMemory("cuda:0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceError, match="CUDA is not available"):
-        pipeline.pick_device("cuda:0")
+        device.pick_device("cuda:0")
 
 
 def test_device_error_line_is_one_line_for_device_errors_only():
@@ -114,9 +115,9 @@ def test_stopwatch_waits_for_the_device_once_per_stage(monkeypatch):
     assert len(cuda.syncs) == 3  # no device, no sync
 
 
-def test_preparing_a_video_syncs_at_stage_boundaries_not_in_the_inversion_loop(monkeypatch, tmp_path):
-    """prepare_source on the CPU with a Stopwatch that believes it times cuda:0: the 12 UNet calls
-    of the inversion (2 frames x 6 steps) add no sync; each of the five stages adds one."""
+def test_a_run_syncs_at_stage_boundaries_not_in_its_loops(monkeypatch, tmp_path):
+    """run_edit on the CPU with a Stopwatch that believes it times cuda:0: the UNet calls of the
+    inversion (2 frames x 4 steps) and of the edit add no sync; each of the eight stages adds one."""
     cuda = FakeCuda(monkeypatch)
     laps = []
     real_lap = Stopwatch.lap
@@ -126,10 +127,12 @@ def test_preparing_a_video_syncs_at_stage_boundaries_not_in_the_inversion_loop(m
         laps.append((stage, len(cuda.syncs)))
 
     monkeypatch.setattr(Stopwatch, "lap", lap)
+    monkeypatch.setattr(pipeline, "Stopwatch", lambda device: Stopwatch("cuda:0"))
     cfg = run_config(tmp_path, "device=cpu", "frames.max=2", "inversion.batch_size=1")
-    src = pipeline.prepare_source(cfg, stopwatch=Stopwatch("cuda:0"))
-    assert src.source_latents and [s for s, _ in laps] == ["read_video", "load_models", "encode", "encode_prompts", "inversion"]
-    assert [n for _, n in laps] == [1, 2, 3, 4, 5]  # one sync per lap, made before its clock is read
+    pipeline.run_edit(cfg, tmp_path / "run")
+    stages = ["read_video", "load_models", "encode", "encode_prompts", "inversion", "editing", "decode", "write"]
+    assert [s for s, _ in laps] == stages
+    assert [n for _, n in laps] == list(range(1, 9))  # one sync per lap, made before its clock is read
 
 
 # ----------------------------------------------------------------------------- 2. float32 state
