@@ -46,8 +46,9 @@ from torch.utils._pytree import tree_flatten
 
 from clip_text.model import TextConfig, TextEncoder
 from sampler.schedule import Schedule
-from tokenflow.controls import EditControl, KeyframeTokens
-from tokenflow.edit import MODES, EditSettings, PromptEmbeddings, denoise_step, keyframes_at
+from tokenflow.controls import KeyframeTokens
+from tokenflow.config import EDIT_MODES as MODES
+from tokenflow.edit import EditSettings, LoopWatch, PromptEmbeddings, denoise_step, keyframes_at
 from tokenflow.inversion import decode_batch, encode_batch
 from unet.model import UNet, UNetConfig
 from vae.model import VAE, VAEConfig
@@ -203,21 +204,22 @@ def estimate(
     tracker = LiveBytes()
     recorded: list[KeyframeTokens] = []
 
-    def make_control(n, **kwargs):
-        # the explicit seam of denoise_step: each pass builds its control here, so we know the phase
-        if kwargs.get("record") is not None:
-            recorded.append(kwargs["record"])
-            tracker.start_phase("keyframe pass")
-        elif kwargs.get("propagation") is not None or mode == "per_frame":
-            tracker.start_phase("propagation pass")
-        else:
-            tracker.start_phase("extended attention over all frames")
-        return EditControl(n, **kwargs)
+    class PhaseWatch(LoopWatch):
+        # the loop's seam: each pass builds its control here, so we know the phase
+        def make_control(self, n, **kwargs):
+            if kwargs.get("record") is not None:
+                recorded.append(kwargs["record"])
+                tracker.start_phase("keyframe pass")
+            elif kwargs.get("propagation") is not None or mode == "per_frame":
+                tracker.start_phase("propagation pass")
+            else:
+                tracker.start_phase("extended attention over all frames")
+            return super().make_control(n, **kwargs)
 
     tracker.preexisting([*unet.parameters(), *vae.parameters(), latents, source, clean, emb])
     with torch.no_grad(), FusedAttention(), tracker:
         new = denoise_step(unet, schedule, settings, prompts, latents, source, 981, 961,
-                           settings.injection(0, 50), keyframes, make_control=make_control)
+                           settings.injection(0, 50), keyframes, PhaseWatch())
         del new
         record_bytes = sum(_bytes([*r.source_inputs.values(), *r.edited_outputs.values()]) for r in recorded)
         recorded.clear()  # the step is over: its tokens are freed
