@@ -7,22 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from tokenflow.edit import edit_video_latents
-from tokenflow.pipeline import edit_settings
+from tokenflow.config import load_config
+from tokenflow.edit import EditSettings, LoopWatch, edit_video_latents
 from tokenflow.media.sample_clip import make_sample_clip
 from tokenflow.media import write_png_frames
 from tools.feature_capture import (
-    HIGHEST_RES_DECODER_LAYER, edited_tokens, original_tokens, prepare_source, stop_before, token_grid,
+    HIGHEST_RES_DECODER_LAYER, edited_tokens, original_tokens, prepare_source, token_grid,
 )
 from tools.feature_pca import fit_pca, pca_figure
 from tools.figure_layout import read_png, tile_grid, write_png
 from tools.figures import main as figures_main
 from tools.nn_field_figure import PANELS, field_colour, nn_field_figure, nn_field_panels, panel_row, warp_rgb
-from tools.run_config import compose_config
 
 
 def tiny_config(tmp_path, video, *overrides):
-    return compose_config([
+    return load_config([
         "model=tiny", "size=64", "steps=4", "inversion.steps=8", "progress=false",
         f"inversion.cache_dir={tmp_path / 'cache'}", f"video={video}", *overrides,
     ])
@@ -91,16 +90,21 @@ def test_token_grid():
 def test_replayed_step_continues_the_edit_exactly(source, mode, positions):
     """The recorded step lands on the edit loop's own next latents: the recorded tokens are those
     of the real edit, not of an approximation of it."""
-    settings = replace(edit_settings(source.cfg), mode=mode, keyframe_interval=2)
+    settings = replace(EditSettings.from_config(source.cfg), mode=mode, keyframe_interval=2)
     unet, schedule, ts = source.models.unet, source.models.config.schedule, source.timesteps
     step = 1
 
-    def latents_before(s):
-        out, _ = edit_video_latents(unet, schedule, settings, source.prompts, source.source_latents, source.clean, ts,
-                                    progress=stop_before(s))
-        return out
+    class KeepSteps(LoopWatch):
+        def __init__(self):
+            super().__init__()
+            self.latents = []  # after each step
 
-    now, after = latents_before(step), latents_before(step + 1)
+        def step_done(self, s, t, latents):
+            self.latents.append(latents.clone())
+
+    kept = KeepSteps()
+    edit_video_latents(unet, schedule, settings, source.prompts, source.source_latents, source.clean, ts, kept)
+    now, after = kept.latents[step - 1], kept.latents[step]
     captured = edited_tokens(source, settings, positions, step, HIGHEST_RES_DECODER_LAYER)
     # per_frame runs only the chosen frames: a different batch changes float summation order (~1e-5)
     torch.testing.assert_close(captured.next_latents, after[positions], rtol=1e-4, atol=5e-5)
@@ -115,7 +119,7 @@ def test_replayed_step_continues_the_edit_exactly(source, mode, positions):
 
 
 def test_bad_step_and_layer_are_named(source):
-    settings = edit_settings(source.cfg)
+    settings = EditSettings.from_config(source.cfg)
     with pytest.raises(ValueError, match="step 4 is outside the 4 denoising steps"):
         edited_tokens(source, settings, [0], 4, HIGHEST_RES_DECODER_LAYER)
     with pytest.raises(ValueError, match="not a self-attention of this UNet.*up_blocks.3.attentions.2"):

@@ -2,13 +2,14 @@
 
 - `TokenRecorder` (a plain `UNetControl`): runs every self-attention as usual and keeps the input
   and output tokens of ONE layer. For the original video's features (Fig. 3: the NN field).
-- `LayerRecorder`: a control factory for `tokenflow.edit.denoise_step`; the controls it builds are
-  the edit's own `EditControl`s that also keep one layer's output tokens of the source and the
-  conditional branch (Fig. 2).
+- `StepRecorder`: a `tokenflow.edit.LoopWatch` whose controls at one denoising step are the edit's
+  own `EditControl`s that also keep one layer's output tokens of the source and the conditional
+  branch (Fig. 2); it ends the edit after that step.
 
-Edited features at step s: `edit_video_latents` runs the edit up to step s (`stop_before(s)` ends
-its step loop), then `denoise_step` runs step s itself with the recording factory; the keyframes
-of step s come from `keyframes_at`, the same pure function of (seed, step) the edit uses.
+Edited features at step s: `edit_video_latents` runs the edit itself, watched by a StepRecorder, with
+keyframe reuse off (`reuse_keyframes=False`, a setting of the loop) so that every frame's tokens,
+keyframes included, come from the propagation pass; the keyframes of step s come from
+`keyframes_at`, the same pure function of (seed, step) the edit uses.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import torch
 from torch import Tensor
 
 from tokenflow.controls import EditControl
-from tokenflow.edit import EditSettings, denoise_step, edit_start, edit_video_latents, keyframes_at
-from tokenflow.pipeline import SourceVideo
-from tokenflow.pipeline import prepare_source as _prepare_pipeline_source
+from tokenflow.edit import EditSettings, LoopWatch, edit_start, edit_video_latents, keyframes_at
+from tokenflow.config import RunConfig
+from tokenflow.source import SourceVideo
+from tokenflow.source import prepare_source as _prepare_source
 from unet.control import UNetControl
 
 HIGHEST_RES_DECODER_LAYER = "up_blocks.3.attentions.2.transformer_blocks.0.attn1"
@@ -42,22 +44,38 @@ class TokenRecorder(UNetControl):
         return out
 
 
-class LayerRecorder:
-    """Control factory for `denoise_step`: its controls keep `layer`'s output tokens of the source
-    branch and of the conditional branch, batch after batch, for the passes that produce frames'
-    outputs (the propagation or per-frame passes; not the keyframe pass, which only records T_base)."""
+class StepRecorded(Exception):
+    """Raised by StepRecorder after its step: the edit has nothing more to give the figure."""
 
-    def __init__(self, layer: str):
-        self.layer = layer
+
+class StepRecorder(LoopWatch):
+    """Watches an edit: during step `step` its controls keep `layer`'s output tokens of the source
+    branch and of the conditional branch, batch after batch, for the passes that produce frames'
+    outputs (the propagation or per-frame passes; not the keyframe pass, which only records T_base);
+    after that step it keeps the latents and ends the edit (StepRecorded)."""
+
+    def __init__(self, step: int, layer: str):
+        super().__init__()
+        self.step, self.layer = step, layer
+        self.current = 0  # the step the loop is in: one past the last finished
         self.source: list[Tensor] = []  # [F_batch, N, C] per batch, in frame order
         self.conditional: list[Tensor] = []
+        self.next_latents: Tensor | None = None  # [n, 4, h, w] after the step
 
-    def control(self, frames: int, **kwargs) -> EditControl:
+    def make_control(self, frames: int, **kwargs) -> EditControl:
+        if self.current != self.step:
+            return super().make_control(frames, **kwargs)
         return _RecordingEditControl(frames, self, **kwargs)
+
+    def step_done(self, step: int, t: int, latents: Tensor) -> None:
+        self.current = step + 1
+        if step == self.step:
+            self.next_latents = latents
+            raise StepRecorded
 
 
 class _RecordingEditControl(EditControl):
-    def __init__(self, frames: int, recorder: LayerRecorder, **kwargs):
+    def __init__(self, frames: int, recorder: StepRecorder, **kwargs):
         super().__init__(frames, **kwargs)
         self.recorder = recorder
 
@@ -91,10 +109,11 @@ def token_grid(n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------ the source
 
 
-def prepare_source(cfg: dict, *, frames: list[int] | None = None) -> SourceVideo:
+def prepare_source(cfg: RunConfig, *, frames: list[int] | None = None) -> SourceVideo:
     """The video of `cfg` read, encoded, inverted (cached) and its prompts embedded, exactly as the
-    pipeline does; `frames`: only these positions of the selection (e.g. the two frames of Fig. 3)."""
-    return _prepare_pipeline_source(cfg, positions=frames)
+    pipeline does (tokenflow.source); `frames`: only these positions of the selection (e.g. the two
+    frames of Fig. 3)."""
+    return _prepare_source(cfg, positions=frames)
 
 
 def default_step(n_steps: int) -> int:
@@ -121,18 +140,6 @@ def original_tokens(src: SourceVideo, positions: list[int], step: int, layer: st
     with torch.no_grad():
         src.models.unet(x, t, src.prompts.source.expand(len(positions), -1, -1).to(x.dtype), recorder)
     return recorder.inputs, recorder.outputs
-
-
-def stop_before(step: int):
-    """A `progress` wrapper for edit_video_latents that ends its step loop before `step`."""
-
-    def progress(steps):
-        for s in steps:
-            if s >= step:
-                return
-            yield s
-
-    return progress
 
 
 @dataclass
@@ -162,16 +169,11 @@ def edited_tokens(src: SourceVideo, settings: EditSettings, positions: list[int]
     frames = list(positions) if settings.mode == "per_frame" else list(range(src.clean.shape[0]))
     local = list(range(len(frames))) if settings.mode == "per_frame" else list(positions)
     source_latents = {t: x[frames] for t, x in src.source_latents.items()}
-    latents, _ = edit_video_latents(
-        unet, schedule, settings, src.prompts, source_latents, src.clean[frames], src.timesteps, progress=stop_before(step),
-    )
-    t = run_timesteps[step]
-    t_prev = run_timesteps[step + 1] if step + 1 < len(run_timesteps) else -1
-    keyframes = keyframes_at(settings, len(frames), step)
-    recorder = LayerRecorder(layer)
-    new = denoise_step(
-        unet, schedule, settings, src.prompts, latents, source_latents[t].to(latents), t, t_prev,
-        settings.injection(step, len(run_timesteps)), keyframes, make_control=recorder.control,
-    )
+    recorder = StepRecorder(step, layer)
+    try:
+        edit_video_latents(unet, schedule, settings, src.prompts, source_latents, src.clean[frames], src.timesteps, recorder)
+    except StepRecorded:
+        pass
     source, edited = torch.cat(recorder.source), torch.cat(recorder.conditional)
-    return StepTokens(source[local], edited[local], int(t), keyframes, new[local])
+    keyframes = keyframes_at(settings, len(frames), step)
+    return StepTokens(source[local], edited[local], int(run_timesteps[step]), keyframes, recorder.next_latents[local])
