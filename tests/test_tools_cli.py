@@ -19,8 +19,10 @@ from tokenflow.media import write_video
 from tools import warp_error
 
 REPO = Path(__file__).resolve().parents[1]
-# every module under tools/ with a command line (a main() that builds an ArgumentParser)
-TOOLS = sorted(p.stem for p in (REPO / "tools").glob("*.py")
+# every module under tools/ and tools/maintainers/ with a command line (a main() that builds an
+# ArgumentParser), as `python -m tools.NAME` names it: warp_error, maintainers.bench, ...
+TOOLS = sorted(".".join(p.relative_to(REPO / "tools").with_suffix("").parts)
+               for p in [*(REPO / "tools").glob("*.py"), *(REPO / "tools" / "maintainers").glob("*.py")]
                if "ArgumentParser(" in p.read_text() and "def main(" in p.read_text())
 SUBCOMMANDS = {"figures": ["pca", "nnfield"]}
 
@@ -31,7 +33,8 @@ def python_m(*args, cwd=REPO, timeout=600):
 
 
 def test_the_tools_are_found():
-    assert {"warp_error", "clip_score", "bench", "memory_estimate", "check_full_size", "figures", "table1"} <= set(TOOLS)
+    assert {"warp_error", "clip_score", "memory_estimate", "figures", "table1", "toy_propagation"} <= set(TOOLS)
+    assert {"maintainers.bench", "maintainers.check_full_size", "maintainers.gpu_check", "maintainers.mutation_check"} <= set(TOOLS)
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -155,15 +158,19 @@ def test_readme_examples_that_need_no_weights_run_as_written(tmp_path, readme_ex
 
 def test_tool_overrides_read_prompts_and_keys_as_the_tokenflow_command():
     from test_cli import PROMPTS
-    from tools.run_config import add_run_flags, compose_config, flag_overrides, quote
+    from tokenflow.config import load_config
+    from tools.run_config import add_run_flags, flag_overrides, quote
 
     parser = argparse.ArgumentParser(allow_abbrev=False)
     add_run_flags(parser)
     for text in PROMPTS.values():
         args = parser.parse_args(["--model", "tiny", f"prompt={text}", f"negative_prompt={text}"])
-        cfg = compose_config(flag_overrides(args))
-        assert cfg["prompt"] == cfg["negative_prompt"] == text and cfg["model"]["source"] == "tiny"
-        assert compose_config([f"video={quote(text)}"])["video"] == text  # the figures' --video/--prompt quoting
+        cfg = load_config(flag_overrides(args))
+        assert cfg.prompt == cfg.negative_prompt == text and cfg.model.name == "tiny" and cfg.model.source == "random"
+        assert load_config([f"video={quote(text)}"]).video == text  # the figures' --video quoting
     with pytest.raises(ValueError, match=r"did you mean prompt\?"):
         flag_overrides(parser.parse_args(["+promt=a cat"]))
-    assert compose_config(flag_overrides(parser.parse_args(["--size", "full"])))["size"] == "full"
+    assert load_config(flag_overrides(parser.parse_args(["--size", "full"]))).size == "full"
+    # a weights source that is not a preset's name is model.source=, quoted whatever it holds
+    folder = "my weights/sd 2,1"
+    assert load_config(flag_overrides(parser.parse_args(["--model", folder]))).model.source == folder

@@ -1,23 +1,21 @@
-"""The run configuration of the evaluation tools: the same Hydra config as the `tokenflow` command.
+"""The command-line flags of the evaluation tools, made into the `tokenflow` command's overrides.
 
-The figure and table tools compose <repo>/conf with hydra.compose, so their defaults are exactly the
-main CLI's, and take the same `key=value` overrides. A few common settings also get flags
-(`--model tiny`, `--size 128`, `--steps 10`, `--max-frames 16`); a flag becomes an override placed
-BEFORE the free overrides, so an explicit `key=value` on the command line wins.
+The figure and table tools read their settings with `tokenflow.config.load_config(overrides)`, so
+their defaults are exactly the main CLI's, and take the same `key=value` overrides, as typed. A few
+common settings also get flags (`--model tiny`, `--size 128`, `--steps 10`, `--max-frames 16`); a
+flag becomes an override placed BEFORE the free overrides, so an explicit `key=value` wins.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO / "conf"
 
 
 def model_groups() -> list[str]:
-    """The names of conf/model/*.yaml: `--model NAME` selects one of them."""
-    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    """The model presets (tokenflow/models/presets.py): `--model NAME` selects one of them."""
+    from tokenflow.models.presets import PRESETS
+
+    return list(PRESETS)
 
 
 def model_override(model: str) -> str:
@@ -30,8 +28,9 @@ def model_override(model: str) -> str:
 
 def quote(value: str) -> str:
     """A Hydra override value that stays one string whatever it holds (spaces, '=', ',', quotes,
-    backslashes, `${`): the quoting the `tokenflow` command gives prompts."""
-    from tokenflow.cli import hydra_string
+    backslashes, `${`): the quoting the `tokenflow` command gives prompts. For values of keys that are
+    not prompts (video=, model.source=); prompts are taken literally as typed."""
+    from tokenflow.overrides import hydra_string
 
     return hydra_string(str(value))
 
@@ -57,10 +56,10 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                         help="Hydra overrides of conf/config.yaml, as for the tokenflow command, e.g. inversion.steps=20 device=cpu")
 
 
-def flag_overrides(args: argparse.Namespace, *, for_tokenflow_command: bool = False) -> list[str]:
-    """The overrides the shared flags stand for, in front of the user's free overrides: prepared as
-    Hydra's compose reads them, or (for_tokenflow_command) as typed, for a `tokenflow` command line,
-    which prepares them itself (preparing twice would quote a prompt twice)."""
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides the shared flags stand for, in front of the user's free overrides, as typed on a
+    `tokenflow` command line (load_config and the command prepare them; preparing twice would quote a
+    prompt twice). Unknown keys and unreadable prompt files are refused here already."""
     out = []
     if args.model is not None:
         out.append(model_override(args.model))
@@ -73,18 +72,7 @@ def flag_overrides(args: argparse.Namespace, *, for_tokenflow_command: bool = Fa
     for o in args.overrides:
         if "=" not in o:
             raise ValueError(f"override {o!r} is not key=value (e.g. steps=10)")
-    # as the tokenflow command reads them: prompts taken literally, <key>_file= read, unknown keys refused
-    from tokenflow.cli import prepare_argv
+    from tokenflow.overrides import prepare
 
-    prepared = prepare_argv(list(args.overrides))  # also refuses unknown keys and unreadable prompt files
-    return out + (list(args.overrides) if for_tokenflow_command else prepared)
-
-
-def compose_config(overrides: list[str]) -> dict:
-    """conf/config.yaml with these overrides, resolved to a plain dict (what run_edit takes)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+    prepare(list(args.overrides))  # the tokenflow command's checks: unknown keys, prompt files
+    return out + list(args.overrides)
