@@ -15,6 +15,8 @@ from fixtures_sd import (
     build_references, compare_with_references as compare, isolate_hub_cache, perturb, write_diffusers_folder, write_ldm_file,
 )
 from tokenflow import load_models
+from tokenflow.models import build_models
+from tokenflow.models.presets import KINDS, PRESETS
 from tokenflow.models.checkpoint import CheckpointError, read_safetensors
 from tokenflow.models.loading import ModelNotAvailable, prediction_type_from_name
 
@@ -255,3 +257,89 @@ def test_folder_without_scheduler_asks_eps_or_v(folder, tmp_path):
         load_models(copy)
     assert load_models(copy, prediction_type="v_prediction").config.schedule.prediction_type == "v_prediction"
     assert load_models(copy, prediction_type="epsilon").config.prediction_type == "epsilon"
+
+
+# ----------------------------------------------------------------------------- build_models: the one entry
+
+
+def model(name, source="random", **kw):
+    from tokenflow.config import ModelConfig
+
+    return ModelConfig(name=name, source=str(source), **kw)
+
+
+# the published parameter counts (diffusers' UNet2DConditionModel, transformers' CLIPTextModel)
+FULL_SIZE_PARAMS = {
+    "sd21_base": (865_910_724, 340_387_840), "sd21": (865_910_724, 340_387_840),
+    "sd20_base": (865_910_724, 340_387_840), "sd15": (859_520_964, 123_060_480),
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds_random_at_its_architecture(name):
+    p = PRESETS[name]
+    models = build_models(model(name), device="meta", dtype=torch.float16)  # full size costs no memory on meta
+    assert (models.unet.config, models.vae.config, models.text_encoder.cfg) == (p.unet(), p.vae(), p.text())
+    c = models.config
+    assert (c.source, c.layout, c.kind, c.preset, c.prediction_type) == ("random", "random", p.kind, name, p.prediction_type)
+    assert models.tokenizer.rules == KINDS[p.kind].tokenizer_rules
+    assert next(models.unet.parameters()).dtype == torch.float16 and next(models.vae.parameters()).is_meta
+    if not p.random_only:
+        assert c.sample_size == p.native_size
+        counts = tuple(sum(t.numel() for t in m.parameters()) for m in (models.unet, models.text_encoder))
+        assert counts == FULL_SIZE_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.random_only])
+def test_random_weights_follow_the_seed(name):
+    a, b = (build_models(model(name, seed=s), device="cpu", dtype=torch.float32) for s in (0, 0))
+    c = build_models(model(name, seed=1), device="cpu", dtype=torch.float32)
+    wa, wb, wc = (m.unet.conv_in.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    ctx = a.text_encoder(a.tokenizer(["a wolf"]))
+    with torch.no_grad():
+        out = a.unet(torch.randn(1, 4, 8, 8), 10, ctx)
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_a_named_preset_of_another_kind_is_one_line_before_any_weight_is_read(folder, monkeypatch):
+    import tokenflow.models.loading as loading
+
+    monkeypatch.setattr(loading, "read_safetensors", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(CheckpointError) as err:
+        build_models(model("sd15", folder), device="cpu", dtype=torch.float32)
+    assert str(err.value) == (f"model=sd15 is an SD-1.x model but {folder} holds an SD-2.x checkpoint: pass "
+                              "model=sd21_base (or another SD-2.x preset: sd21_base, sd21, sd20_base) with this source")
+
+
+def test_a_preset_of_the_folders_kind_loads_it(folder, refs):
+    models = build_models(model("sd20_base", folder), device="cpu", dtype=torch.float32)
+    assert models.config.kind == "sd2" and models.config.source == str(folder) and models.config.preset is None
+    assert max(compare(models, refs).values()) <= 1e-4
+
+
+def test_unknown_preset_and_a_random_only_preset_with_a_source(folder):
+    with pytest.raises(ValueError, match=re.escape("unknown model tni (choose one of sd21_base, sd21, sd20_base, sd15, tiny, tiny_sd15)")):
+        build_models(model("tni"), device="meta", dtype=torch.float32)
+    with pytest.raises(ValueError, match=re.escape("unknown model sd_15 (did you mean sd15? choose one of")):
+        build_models(model("sd_15"), device="meta", dtype=torch.float32)
+    with pytest.raises(ValueError, match=re.escape(
+            f"model=tiny has random weights only (model.source=random), got model.source={folder}; to load weights, "
+            "name a preset that has them with it (model=NAME: sd21_base, sd21, sd20_base, sd15)")):
+        build_models(model("tiny", folder), device="cpu", dtype=torch.float32)
+
+
+def test_a_bad_tensor_anywhere_is_named_before_any_weight_is_read(folder, tmp_path, monkeypatch):
+    """The walk checks every part's keys and shapes from the headers (step 3) before it reads (step 4):
+    a wrong text-encoder tensor is named without the UNet's weights read first."""
+    import tokenflow.models.loading as loading
+
+    copy = broken_copy(folder, tmp_path)
+    f = copy / "text_encoder" / "model.safetensors"
+    state = load_file(f)
+    state["text_model.final_layer_norm.weight"] = torch.zeros(3)
+    save_file(state, f)
+    monkeypatch.setattr(loading, "read_safetensors", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(CheckpointError, match=re.escape(f"{f}: 1 shape mismatch(es): text_model.final_layer_norm.weight: "
+                                                        "checkpoint (3,) vs model (64,)")):
+        load_models(copy)

