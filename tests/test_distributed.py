@@ -24,45 +24,47 @@ OVERRIDES = ["model=tiny", "frames.max=24", "size=64", "steps=4", "inversion.ste
              "tokenflow.batch_size=1", "inversion.batch_size=4"]
 
 
-def composed(overrides: list[str]) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
-
-
 def torchrun(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def edit_latents(cfg: dict, ranks=None):
-    """prepare_source + edit_video_latents as run_edit calls them -> (edited latents of this
-    process's rows, src)."""
-    from tokenflow.edit import edit_video_latents
-    from tokenflow.pipeline import edit_settings, prepare_source
+def edit_latents(overrides: list[str], ranks=None):
+    """The original video prepared whole, then Alg. 1's loop as run_edit drives it: alone, or (ranks)
+    through a LoopWatch over this rank's FrameShard, holding only its own rows of the clip (the
+    others zero, so every keyframe row the loop reads must come through the keyframe exchange).
+    -> (edited latents of this process's rows, its frames)."""
+    from tokenflow.config import load_config
+    from tokenflow.edit import EditSettings, LoopWatch, edit_video_latents
+    from tokenflow.source import prepare_source
 
-    src = prepare_source(cfg, ranks=ranks)
-    shard = src.shard
-    source, clean = (src.source_latents, src.clean) if shard is None else (shard.full_source(src.source_latents), shard.full(src.clean))
-    latents, _ = edit_video_latents(src.models.unet, src.models.config.schedule, edit_settings(cfg), src.prompts,
-                                    source, clean, src.timesteps, shard=shard)
-    return (latents if shard is None else shard.own_rows(latents)), src
+    cfg = load_config(overrides)
+    src = prepare_source(cfg)
+    n = src.clean.shape[0]
+    settings, unet, schedule = EditSettings.from_config(cfg), src.models.unet, src.models.config.schedule
+    if ranks is None:
+        latents, _ = edit_video_latents(unet, schedule, settings, src.prompts, src.source_latents, src.clean, src.timesteps)
+        return latents, list(range(n))
+    shard = ranks.shard(n)
+    own = {t: x[shard.frames] for t, x in src.source_latents.items()}
+    latents, _ = edit_video_latents(unet, schedule, settings, src.prompts, shard.full_source(own),
+                                    shard.full(src.clean[shard.frames]), src.timesteps, LoopWatch(shard))
+    return shard.own_rows(latents), shard
 
 
-def worker(out: str, cfg_json: str) -> None:
+def worker(out: str, overrides_json: str) -> None:
     """torchrun worker: the sharded edit; rank 0 saves the gathered latents and each rank's frames."""
     from tokenflow.distributed import Ranks
 
     torch.set_num_threads(1)
     ranks = Ranks.from_env("cpu")
-    latents, src = edit_latents(json.loads(Path(cfg_json).read_text()), ranks)
-    whole = src.shard.gather_to_root(latents)
-    frames = ranks.all_gather(src.shard.frames)
+    latents, shard = edit_latents(json.loads(Path(overrides_json).read_text()), ranks)
+    whole = shard.gather_to_root(latents)
+    frames = ranks.all_gather(shard.frames)
+    rows = ranks.all_gather(latents.shape[0])
     if ranks.is_root:
-        torch.save({"latents": whole, "frames": frames, "clean_rows": src.clean.shape[0]}, out)
+        torch.save({"latents": whole, "frames": frames, "rows": rows}, out)
     ranks.close()
 
 
@@ -74,19 +76,21 @@ def wolf():
 
 
 def test_two_ranks_give_the_single_process_latents(tmp_path, wolf):
-    cfg = composed([f"video={wolf}", *OVERRIDES, f"inversion.cache_dir={tmp_path / 'cache'}"])
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    proc = torchrun([__file__, str(tmp_path / "out.pt"), str(tmp_path / "cfg.json")], cwd=tmp_path)
+    overrides = [f"video={wolf}", *OVERRIDES, "inversion.cache=false"]
+    (tmp_path / "overrides.json").write_text(json.dumps(overrides))
+    proc = torchrun([__file__, str(tmp_path / "out.pt"), str(tmp_path / "overrides.json")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
     assert got["frames"] == [list(range(12)), list(range(12, 24))]  # each rank computed half of the frames
-    assert got["clean_rows"] == 12  # and encoded only its half
-    # the single process, inverting on its own (no cache)
-    ref, _ = edit_latents({**cfg, "inversion": {**cfg["inversion"], "cache": False}})
+    assert got["rows"] == [12, 12]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: another thread count splits the CPU's sums differently
+    try:
+        ref, _ = edit_latents(overrides)  # the single process
+    finally:
+        torch.set_num_threads(threads)
     assert ref.shape == got["latents"].shape == (24, 4, 8, 8)
     torch.testing.assert_close(got["latents"], ref, rtol=0, atol=1e-5)
-    # the ranks filled the cache under the whole selection's key, one file per frame
-    assert len(list((tmp_path / "cache").rglob("frame_*.safetensors"))) == 24
 
 
 def test_torchrun_cli_writes_one_run_with_each_ranks_facts(tmp_path, wolf):

@@ -9,8 +9,9 @@ process group (NCCL on GPUs, gloo on the CPU). Rank r takes a contiguous share o
 
 - encoding and DDIM inversion (the inversion cache is keyed by the whole selection and filled frame by
   frame, so a later run, on any number of ranks, reuses it);
-- at every denoising step (Alg. 1): the keyframe pass needs the keyframes' current latents x_t and the
-  original video's x_t, which live on the ranks owning those frames. `share_keyframes` sends them to
+- at every denoising step (Alg. 1), through the loop's seam (`edit.LoopWatch(shard)`): the keyframe pass
+  needs the keyframes' current latents x_t and the original video's x_t, which live on the ranks
+  owning those frames. `FrameShard.share_keyframes` sends them to
   every rank (one all-reduce of a [K, 2, 4, h, w] float32 buffer, each keyframe's row filled by its
   owner, zeros elsewhere, so the sum is the owner's value exactly). Every rank then runs the joint
   keyframe pass itself: it is 1/keyframe_interval of the frames, and recomputing it costs less than
@@ -59,7 +60,7 @@ class Ranks:
     @classmethod
     def from_env(cls, device: str) -> Ranks | None:
         """The launch this process belongs to, joined; None when it runs alone. `device`: the
-        device this rank computes on (pipeline.pick_device gives cuda:LOCAL_RANK under torchrun)."""
+        device this rank computes on (device.pick_device gives cuda:LOCAL_RANK under torchrun)."""
         if launched_ranks() <= 1:
             return None
         import torch.distributed as dist
