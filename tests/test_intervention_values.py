@@ -477,12 +477,12 @@ def test_each_propagation_rule_runs_end_to_end(tmp_path):
     """A small run through run_edit with each rule: both finish, the rule reaches the edit."""
     import json
 
+    from tokenflow.config import load_config
     from tokenflow.pipeline import run_edit
-    from tools.run_config import compose_config
 
     finals = {}
     for rule in ("paper", "released"):
-        cfg = compose_config(["model=tiny", "progress=false", "frames.max=6", "size=64", "steps=3", "inversion.steps=3",
+        cfg = load_config(["model=tiny", "progress=false", "frames.max=6", "size=64", "steps=3", "inversion.steps=3",
                               "tokenflow.keyframe_interval=3", f"tokenflow.propagation={rule}",
                               f"inversion.cache_dir={tmp_path / 'cache'}"])
         facts = run_edit(cfg, tmp_path / rule)
