@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import sys
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,14 +44,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from clip_text.model import TextConfig, TextEncoder
+from clip_text.model import TextEncoder
 from sampler.schedule import Schedule
 from tokenflow.controls import KeyframeTokens
 from tokenflow.config import EDIT_MODES as MODES
 from tokenflow.edit import EditSettings, LoopWatch, PromptEmbeddings, denoise_step, keyframes_at
 from tokenflow.inversion import decode_batch, encode_batch
-from unet.model import UNet, UNetConfig
-from vae.model import VAE, VAEConfig
+from tokenflow.models.presets import PRESETS
+from unet.model import UNet
+from vae.model import VAE
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GIB = 2**30
@@ -143,18 +144,8 @@ class Estimate:
     vae_batch_size: int = 8  # frames per VAE forward (inversion.batch_size)
 
 
-def _tiny_text() -> TextConfig:
-    return replace(TextConfig.tiny(), width=UNetConfig.tiny().cross_attention_dim)  # as tokenflow/models/tiny.py
-
-
-# --model NAME (the names of conf/model/*.yaml) -> the architecture's configs and its native short side
-MODELS = {
-    "sd21_base": (UNetConfig.sd21_base, VAEConfig.sd21, TextConfig.sd21, 512),
-    "sd21": (UNetConfig.sd21, VAEConfig.sd21, TextConfig.sd21, 768),
-    "sd20_base": (UNetConfig.sd21_base, VAEConfig.sd21, TextConfig.sd21, 512),  # SD-2.1-base's architecture exactly
-    "sd15": (UNetConfig.sd15, VAEConfig.sd21, TextConfig.sd15, 512),  # the VAE is the same for SD-1.x and 2.x
-    "tiny": (UNetConfig.tiny, VAEConfig.tiny, _tiny_text, 128),
-}
+# --model NAME: every preset of the registry (tokenflow.models.presets) -> its configs and native short side
+MODELS = {name: (p.unet, p.vae, p.text, p.native_size) for name, p in PRESETS.items()}
 
 
 def _meta_models(dtype: torch.dtype, model: str = "sd21_base"):
@@ -297,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.memory_estimate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model", choices=MODELS, default="sd21_base",
-                   help="the architecture, by its conf/model name (default sd21_base; tiny: the random test model)")
+                   help="the architecture, by its preset name (tokenflow.models.presets; default sd21_base)")
     p.add_argument("--frames", type=_ints, default=[40, 120, 450, 1000], help="comma list of frame counts")
     p.add_argument("--size", type=int, default=None,
                    help="frame side in pixels, a multiple of 64 (default: the model's native size, 512 for sd21_base)")

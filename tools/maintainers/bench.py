@@ -59,14 +59,14 @@ from clip_text.keys import normalise_transformers_keys
 from clip_text.model import TextConfig, TextEncoder
 from tokenflow.measure import PeakMemory, Stopwatch
 from tokenflow.models.checkpoint import assign_strict
+from tokenflow.models.presets import PRESETS
 from unet.model import UNet, UNetConfig
 from vae.keys import normalise_diffusers_keys
 from vae.model import VAE, VAEConfig
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = ("unet", "vae", "text")
-CONFIGS = ("full", "tiny")
-MODEL_CONFIGS = {"sd21_base": "full", "tiny": "tiny"}  # --model NAME (conf/model names) -> the configs benchmarked
+CONFIGS = tuple(PRESETS)  # --model NAME: the configs benchmarked are the preset's (tokenflow.models.presets)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TIMESTEP = 981  # the first of SD's 50 sampling steps; any value costs the same
 INSTALL_HINT = "pip install 'diffusers>=0.30' 'transformers>=4.40'  (or: pip install -e '.[test]')"
@@ -124,7 +124,7 @@ def _check_same_config(ours_cfg, read_back, what: str) -> None:
 
 def unet_pair(config: str, dtype: torch.dtype, device: str, seed: int = 0) -> Pair:
     diffusers = require("diffusers")
-    cfg = UNetConfig.sd21_base() if config == "full" else UNetConfig.tiny()
+    cfg = PRESETS[config].unet()
     torch.manual_seed(seed)
     ref = diffusers.UNet2DConditionModel(
         sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
@@ -132,7 +132,7 @@ def unet_pair(config: str, dtype: torch.dtype, device: str, seed: int = 0) -> Pa
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)),
         attention_head_dim=list(cfg.heads),  # diffusers' historical name for the head COUNT
-        cross_attention_dim=cfg.cross_attention_dim, use_linear_projection=True,
+        cross_attention_dim=cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection,
         norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps, upcast_attention=cfg.upcast_attention,
     )
     _check_same_config(cfg, UNetConfig.from_diffusers_config(dict(ref.config)), "UNet")
@@ -141,7 +141,7 @@ def unet_pair(config: str, dtype: torch.dtype, device: str, seed: int = 0) -> Pa
 
 def vae_pair(config: str, dtype: torch.dtype, device: str, seed: int = 0) -> Pair:
     diffusers = require("diffusers")
-    cfg = VAEConfig.sd21() if config == "full" else VAEConfig.tiny()
+    cfg = PRESETS[config].vae()
     n = len(cfg.block_out_channels)
     torch.manual_seed(seed)
     ref = diffusers.AutoencoderKL(
@@ -157,7 +157,7 @@ def vae_pair(config: str, dtype: torch.dtype, device: str, seed: int = 0) -> Pai
 
 def text_pair(config: str, dtype: torch.dtype, device: str, seed: int = 0) -> Pair:
     transformers = require("transformers")
-    cfg = TextConfig.sd21() if config == "full" else TextConfig.tiny()
+    cfg = PRESETS[config].text()
     torch.manual_seed(seed)
     ref_cfg = transformers.CLIPTextConfig(
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_positions, hidden_size=cfg.width,
@@ -348,7 +348,7 @@ class Row:
     reference_runs_s: list[float]
 
 
-def bench_model(model: str, config: str = "full", dtype: str = "float32", device: str = "cpu", batch: int = 1,
+def bench_model(model: str, config: str = "sd21_base", dtype: str = "float32", device: str = "cpu", batch: int = 1,
                 latent: int = 64, repeats: int = 3, warmup: int = 1, memory: bool = True, seed: int = 0) -> list[Row]:
     """Rows for one model (the VAE gives two: encode and decode) at one dtype."""
     if model not in PAIRS:
@@ -491,8 +491,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--parts", default="unet,vae,text",
                    help="comma list of unet, vae, text; 'none' for only --e2e (default: all three)")
-    p.add_argument("--model", choices=MODEL_CONFIGS, default="sd21_base",
-                   help="sd21_base: SD-2.1's sizes (default); tiny: the tiny model's (random weights either way)")
+    p.add_argument("--model", choices=CONFIGS, default="sd21_base",
+                   help="whose sizes: any preset of tokenflow.models.presets (default sd21_base; random weights either way)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="float32", help="comma list of float32, float16, bfloat16 (one set of rows each)")
     p.add_argument("--batch", type=int, default=1)
@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         for dtype in dtypes:
             print(f"[bench] {model} {args.model} {dtype} on {args.device} ...", file=sys.stderr, flush=True)
-            rows += bench_model(model, MODEL_CONFIGS[args.model], dtype, args.device, args.batch, args.latent, args.repeats,
+            rows += bench_model(model, args.model, dtype, args.device, args.batch, args.latent, args.repeats,
                                 args.warmup, memory=not args.no_memory, seed=args.seed)
     e2e = None
     if args.e2e:

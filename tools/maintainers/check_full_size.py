@@ -1,8 +1,11 @@
-"""Full-size check: diffusers folders of SD-2.1-base's and SD-1.5's real configs with random weights
-(and, for SD-1.5, the same weights as one ldm file), loaded by `tokenflow.load_models`, compared with
+"""Full-size check: a diffusers folder of each preset's real configs with random weights (and, for an
+SD-1.x preset, the same weights as one ldm file), loaded by `tokenflow.load_models`, compared with
 diffusers' UNet and transformers' text encoder; and the peak memory of loading the UNet.
 
-    python -m tools.maintainers.check_full_size [--model sd21_base sd15] [--dir /tmp/sd21-random] [--sd15-dir /tmp/sd15-random] [--keep]
+    python -m tools.maintainers.check_full_size [--model sd21_base sd15 ...] [--dir /tmp/random-sd] [--keep]
+
+--model takes every preset of tokenflow.models.presets that has weights; the random-only tiny presets
+have no full size to check.
 
 Writes the folder with diffusers/transformers (random weights, ~3.5 GB in fp32 for the UNet), then in
 fresh subprocesses: (1) loads the UNet alone with our loader and reports the peak RSS increase
@@ -30,10 +33,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tokenflow.models.presets import PRESETS, with_weights
+
 LOAD_UNET = r"""
 import json, sys, threading, time, torch
-from tokenflow.models.checkpoint import read_json, read_safetensors
-from tokenflow.models.loading import _fill
+from tokenflow.models.checkpoint import assign_strict, read_json, read_safetensors
 from tokenflow.measure import proc_status_mb as status  # MiB, from /proc/self/status
 from unet.model import UNet, UNetConfig
 
@@ -48,7 +52,9 @@ done = False
 t = threading.Thread(target=sample); t.start()
 cfg = UNetConfig.from_diffusers_config(read_json(root + "/unet/config.json"))
 f = root + "/unet/diffusion_pytorch_model.safetensors"
-unet = _fill(UNet, cfg, read_safetensors(f, dtype=dtype), f)
+with torch.device("meta"):
+    unet = UNet(cfg)
+unet = assign_strict(unet, read_safetensors(f, dtype=dtype), source=f)
 touched = sum(float(p.float().abs().sum()) for p in unet.parameters())  # every weight paged in
 done = True; t.join()
 weights = sum(p.numel() * p.element_size() for p in unet.parameters())
@@ -82,14 +88,18 @@ print(json.dumps({"kind": kind, "unet_max_abs_diff": (ours - want).abs().max().i
 """
 
 
-def write_random_sd21(root: Path) -> Path:
+def write_random_sd2(root: Path, preset) -> Path:
+    """An SD-2.x preset's published configs: SD-2.1-base's, with SD-2.1's 96-latent sample size,
+    upcast attention and v-prediction where the preset has them."""
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    unet = preset.unet()
     torch.manual_seed(0)
     UNet2DConditionModel(
-        sample_size=64, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=[5, 10, 20, 20],
+        sample_size=unet.sample_size, upcast_attention=unet.upcast_attention,
+        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=[5, 10, 20, 20],
         cross_attention_dim=1024, use_linear_projection=True, layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -102,7 +112,7 @@ def write_random_sd21(root: Path) -> Path:
     # the published stable-diffusion-2-1-base schedule (sd21.md), as its folder carries it
     DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=preset.prediction_type,
     ).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return root
@@ -118,7 +128,7 @@ def write_random_vae(root: Path) -> None:
     ).save_pretrained(root / "vae")
 
 
-def write_random_sd15(root: Path) -> Path:
+def write_random_sd15(root: Path, preset=None) -> Path:
     """SD-1.5's published configs (sd15-and-released-code.md): 8 heads everywhere (attention_head_dim: 8),
     conv proj_in/proj_out (use_linear_projection absent, i.e. false), 768-wide OpenAI CLIP ViT-L/14 text
     tower with quick_gelu, and its PNDM scheduler config without prediction_type (epsilon)."""
@@ -192,24 +202,25 @@ def run(code: str, *args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.maintainers.check_full_size", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--model", nargs="+", choices=("sd21_base", "sd15"), default=["sd21_base", "sd15"],
-                   help="which random full-size models to write and check, by conf/model name (default: both)")
-    p.add_argument("--dir", type=Path, default=None, help="where to write the random SD-2.1-base folder (default: a temp dir)")
-    p.add_argument("--sd15-dir", type=Path, default=None,
-                   help="where to write the random SD-1.5 folder, its ldm file under ldm/ (default: a temp dir)")
+    p.add_argument("--model", nargs="+", choices=with_weights(), default=["sd21_base", "sd15"],
+                   help="which random full-size presets to write and check (default: sd21_base sd15; the tiny "
+                        "presets are random-only, with no full size to check)")
+    p.add_argument("--dir", type=Path, default=None,
+                   help="where to write the random folders, DIR/NAME each, an SD-1.x one's ldm file under ldm/ (default: temp dirs)")
     p.add_argument("--keep", action="store_true", help="keep the folders afterwards")
     args = p.parse_args(argv)
     ok = True
     for model in args.model:
-        given = args.dir if model == "sd21_base" else args.sd15_dir
+        preset = PRESETS[model]
+        given = args.dir / model if args.dir else None
         root = given or Path(tempfile.mkdtemp(prefix=f"{model}-random-"))
         try:
             if not (root / "unet" / "config.json").is_file():
                 print(f"writing a random full-size {model} diffusers folder to {root} ...", flush=True)
-                (write_random_sd21 if model == "sd21_base" else write_random_sd15)(root)
+                {"sd1": write_random_sd15, "sd2": write_random_sd2}[preset.kind](root, preset)
             report_memory(root)
             ok &= report_compare(f"{model} diffusers folder", root, root)
-            if model == "sd15":
+            if preset.kind == "sd1":
                 ldm = root / "ldm" / "v1-5-pruned-emaonly.safetensors"
                 if not ldm.is_file():
                     print(f"writing the same weights as one ldm file {ldm} ...", flush=True)
