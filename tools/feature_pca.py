@@ -22,6 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tokenflow.config import RunConfig
+from tokenflow.edit import EditSettings
+
 from .feature_capture import (
     HIGHEST_RES_DECODER_LAYER, SourceVideo, default_step, edited_tokens, prepare_source, token_grid,
 )
@@ -120,16 +123,14 @@ ROW_LABELS = {"original": "original", "per_frame": "per-frame edit", "tokenflow"
 
 
 def pca_figure(
-    cfg: dict, out: Path | str, *, frames: int = 4, step: int | None = None, layer: str = HIGHEST_RES_DECODER_LAYER,
+    cfg: RunConfig, out: Path | str, *, frames: int = 4, step: int | None = None, layer: str = HIGHEST_RES_DECODER_LAYER,
     tile: int = 256, with_input_row: bool = True,
 ) -> PCAFigure:
-    """Fig. 2 for the video and prompt of `cfg` (a composed config, see tools/run_config.py)."""
-    from tokenflow.pipeline import edit_settings
-
+    """Fig. 2 for the video and prompt of `cfg` (tokenflow.config.load_config's, as the figures tool makes it)."""
     out = Path(out)
     src: SourceVideo = prepare_source(cfg)
     positions = evenly_spaced(src.clean.shape[0], frames)
-    base = edit_settings(cfg)
+    base = EditSettings.from_config(cfg)
     # SDEdit runs only its last steps: the default step counts the steps it runs
     n_run = len(src.timesteps) if base.method == "pnp" else int(len(src.timesteps) * base.sdedit_strength)
     step = default_step(n_run) if step is None else step

@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tokenflow.config import load_config
+from tokenflow.models.presets import RANDOM
+
 from .feature_capture import HIGHEST_RES_DECODER_LAYER
-from .run_config import add_run_flags, compose_config, flag_overrides, quote
+from .run_config import add_run_flags, flag_overrides, quote
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.figure == "pca":
             from .feature_pca import pca_figure
 
-            cfg = compose_config(overrides + [f"prompt={quote(args.prompt)}"])
+            cfg = load_config(overrides + [f"prompt={args.prompt}"])  # prompts are taken as typed
             fig = pca_figure(cfg, args.out, frames=args.frames, step=args.step, layer=args.layer, tile=args.tile,
                              with_input_row=not args.no_input_row)
             ratios = ", ".join(f"{100 * r:.1f}%" for r in fig.explained_ratio)
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .nn_field_figure import nn_field_figure
 
-            cfg = compose_config(overrides)
+            cfg = load_config(overrides)
             fig = nn_field_figure(cfg, args.out, source_frame=args.source_frame, target_frame=args.target_frame,
                                   step=args.step, layer=args.layer, tokens=args.tokens)
             r = fig.result
@@ -85,10 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {fig.path}")
-    from tokenflow.pipeline import random_weights_warning
-
-    if note := random_weights_warning(cfg):  # a figure of random features shows noise: say so
-        print(f"note: {note}")
+    if cfg.model.source == RANDOM:  # a figure of random features shows noise: say so
+        print(f"note: model={cfg.model.name} has random weights (model.source=random): the figure shows the "
+              "features of a random network, noise, not what TokenFlow's features look like")
     return 0
 
 

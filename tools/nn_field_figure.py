@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokenflow.config import RunConfig
 from tokenflow.propagation import nn_field
 
 from .feature_capture import HIGHEST_RES_DECODER_LAYER, default_step, original_tokens, prepare_source, token_grid
@@ -130,10 +131,10 @@ class NNFieldFigure:
 
 
 def nn_field_figure(
-    cfg: dict, out: Path | str, *, source_frame: int = 0, target_frame: int = 5, step: int | None = None,
+    cfg: RunConfig, out: Path | str, *, source_frame: int = 0, target_frame: int = 5, step: int | None = None,
     layer: str = HIGHEST_RES_DECODER_LAYER, tokens: str = "input",
 ) -> NNFieldFigure:
-    """Fig. 3 for the video of `cfg` (a composed config, see tools/run_config.py)."""
+    """Fig. 3 for the video of `cfg` (tokenflow.config.load_config's, as the figures tool makes it)."""
     if tokens not in TOKEN_KINDS:
         raise ValueError(f"tokens must be one of {TOKEN_KINDS}, got {tokens!r}")
     if source_frame == target_frame:

@@ -3,14 +3,14 @@
     python -m tools.table1 --pairs "wolf.mp4::a marble sculpture of a wolf" --pairs "sample::a watercolor painting"
     python -m tools.table1 --pairs-file pairs.txt --model tiny --out-dir table1 frames.max=16 size=128
 
-For every (video, prompt) pair, six runs of tokenflow.pipeline.run_edit, each composed from
-conf/config.yaml with `experiment=table1_<mode>` and the user's overrides:
+For every (video, prompt) pair, six runs of tokenflow.pipeline.run_edit, each configured by
+tokenflow.config.load_config with `experiment=table1_<mode>` and the user's overrides:
   LDM reconstruction (encode/decode only), PnP per frame, TokenFlow without propagation (extended
   attention across all frames), TokenFlow without random keyframes (fixed), TokenFlow, and TokenFlow
   with the released code's propagation rule (not in the paper; its paper columns read "-").
 Each run is scored:
 - warp error (tools.warp_error, x1e-3): flow on the SOURCE frames exactly as the pipeline read and
-  resized them (tokenflow.pipeline.load_video with the run's config), edited frames from the run's
+  resized them (tokenflow.inputs.load_video with the run's config), edited frames from the run's
   lossless PNGs (output.png_frames=true is forced: an H.264 round trip would add its own error);
 - CLIP score (tools.clip_score, frame-mean cosine to the pair's prompt; the reconstruction row too,
   as the paper's 0.23), or "n/a" when no CLIP weights can be had (said once);
@@ -26,9 +26,10 @@ On a cluster (the .[cluster] extra): `--sweep LAUNCHER` runs every cell as one j
 multirun (`tokenflow -m`) on hydra/launcher=LAUNCHER (joblib, submitit_local, submitit_slurm; basic:
 one after the other), each (pair, method) an experiment config written into <out-dir>/sweep_conf;
 `--launcher-arg hydra.launcher.gpus_per_node=1` etc. go to that command. It then collects the
-finished folder. `--collect DIR` scores any finished multirun folder of tokenflow runs (output.png_frames
-=true) into the table: each job's pair is its config's video and prompt, its method its
-tokenflow.mode (and propagation), so a sweep started by hand, or on another machine, counts too.
+finished folder (a cell whose job wrote no run.json is a row with that error). `--collect DIR` scores
+any finished multirun folder of tokenflow runs (output.png_frames=true) into the table: each run's
+pair is its config.yaml's video and prompt, its method its tokenflow.mode (and propagation), so a
+sweep started by hand, or on another machine, counts too (a failed job leaves no folder to find).
 
     python -m tools.table1 --pairs-file pairs.txt --sweep submitit_slurm --launcher-arg hydra.launcher.partition=gpu
     python -m tools.table1 --collect table1/multirun --out-dir table1
@@ -45,12 +46,15 @@ import subprocess
 import sys
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from .run_config import add_run_flags, compose_config, flag_overrides
+from tokenflow.config import RunConfig
+from tokenflow.models.presets import RANDOM  # model.source of a preset's architecture with seeded random weights
+
+from .run_config import add_run_flags, flag_overrides
 
 # (mode, row label, paper's warp error x1e-3, paper's CLIP score): Table 1 of the paper
 METHODS = (
@@ -120,7 +124,7 @@ class Row:
 # ------------------------------------------------------------------------------------- running
 
 
-def _child(cfg: dict, run_dir: str, conn) -> None:
+def _child(cfg: RunConfig, run_dir: str, conn) -> None:
     """Spawned: one run_edit, reporting success or the error (type and message) through `conn`."""
     try:
         from tokenflow.pipeline import run_edit
@@ -134,7 +138,7 @@ def _child(cfg: dict, run_dir: str, conn) -> None:
         conn.close()
 
 
-def run_one(cfg: dict, run_dir: Path, *, in_process: bool = False) -> str:
+def run_one(cfg: RunConfig, run_dir: Path, *, in_process: bool = False) -> str:
     """Run the pipeline on `cfg` into run_dir; returns "" on success, else the error text."""
     if in_process:
         from tokenflow.pipeline import run_edit
@@ -159,17 +163,19 @@ def run_one(cfg: dict, run_dir: Path, *, in_process: bool = False) -> str:
     return message or f"the run's process exited with code {process.exitcode} (out of memory?)"
 
 
-def run_config(pair: Pair, mode: str, user_overrides: list[str]) -> dict:
-    """The composed config of one Table 1 cell. The pair's video and prompt are set on the composed
-    dict (no quoting of paths or prompts through the override grammar); PNG frames are forced on."""
-    cfg = compose_config(["progress=false", f"experiment=table1_{mode}", *user_overrides, "output.png_frames=true"])
-    cfg["video"], cfg["prompt"] = pair.video, pair.prompt
-    return cfg
+def run_config(pair: Pair, mode: str, user_overrides: list[str]) -> RunConfig:
+    """The checked config of one Table 1 cell (`user_overrides` as typed on a tokenflow command line).
+    The pair's video and prompt are set on the config itself (no quoting of paths or prompts through
+    the override grammar); PNG frames are forced on."""
+    from tokenflow.config import load_config
+
+    cfg = load_config(["progress=false", f"experiment=table1_{mode}", *user_overrides, "output.png_frames=true"])
+    return replace(cfg, video=pair.video, prompt=pair.prompt)
 
 
-def source_frames(cfg: dict) -> np.ndarray:
+def source_frames(cfg: RunConfig) -> np.ndarray:
     """uint8 [F, H, W, 3]: the source exactly as run_edit read and resized it (same function, same config)."""
-    from tokenflow.pipeline import load_video
+    from tokenflow.inputs import load_video
 
     return load_video(cfg).frames.numpy()
 
@@ -270,7 +276,7 @@ def table1(
     flow: str = "dis", in_process: bool = False, modes: tuple[str, ...] = MODES,
 ) -> Table1:
     """Run every method on every pair, score them, write table1.md and table1.csv into out_dir."""
-    from tokenflow.pipeline import pick_device
+    from tokenflow.device import pick_device
 
     check_request(pairs, modes)
     out_dir = Path(out_dir)
@@ -279,7 +285,7 @@ def table1(
     # missing clip fails in a second, not after an hour of the other pairs' runs
     configs = {(i, mode): run_config(pair, mode, list(overrides)) for i, pair in enumerate(pairs) for mode in modes}
     check_inputs(pairs, [configs[i, modes[0]] for i in range(len(pairs))])
-    clip = ClipScorer(clip_model, device=pick_device(configs[0, modes[0]]["device"]))
+    clip = ClipScorer(clip_model, device=pick_device(configs[0, modes[0]].device))
     labels = {m[0]: m[1] for m in METHODS}
     rows = []
     for i, pair in enumerate(pairs):
@@ -311,7 +317,7 @@ def table1(
                     row.error = f"scoring: {type(e).__name__}: {e}"
                     print(f"[table1] {row.method} on pair {row.pair} failed: {row.error}", file=sys.stderr)
     means = mean_rows(rows, len(pairs))
-    random = any(cfg["model"]["source"] == "tiny" for cfg in configs.values())
+    random = any(cfg.model.source == RANDOM for cfg in configs.values())
     md = write_markdown(out_dir / "table1.md", means, pairs, list(overrides), flow, random_weights=random)
     table = write_csv(out_dir / "table1.csv", means + rows)
     return Table1(means=means, rows=rows, markdown=md, csv=table)
@@ -340,11 +346,11 @@ def markdown_table(means: list[Row]) -> str:
     return "\n".join(lines)
 
 
-RANDOM_WEIGHTS_NOTE = ("Random weights (model=tiny): every edit is noise, so these numbers only show that the "
+RANDOM_WEIGHTS_NOTE = ("Random weights (model.source=random): every edit is noise, so these numbers only show that the "
                        "measurements run; they say nothing about TokenFlow and are not comparable with the paper's columns.")
 
 
-def check_inputs(pairs: list[Pair], configs: list[dict]) -> None:
+def check_inputs(pairs: list[Pair], configs: list[RunConfig]) -> None:
     """Refuse, before any run, pairs whose prompt is empty or whose video cannot be opened with its
     frame selection (all of them named at once)."""
     from tokenflow.media import read_video
@@ -355,9 +361,9 @@ def check_inputs(pairs: list[Pair], configs: list[dict]) -> None:
             problems.append(f"pair {i} ({pair.video}): the prompt is empty")
         if pair.video == "sample":
             continue
-        sel = cfg["frames"]
+        sel = cfg.frames
         try:
-            read_video(pair.video, start=sel["start"], end=sel["end"], stride=sel["stride"], max_frames=1)
+            read_video(pair.video, start=sel.start, end=sel.end, stride=sel.stride, max_frames=1)
         except (ValueError, OSError) as e:
             problems.append(f"pair {i}: {type(e).__name__}: {e}")
     if problems:
@@ -441,12 +447,13 @@ def main(argv: list[str] | None = None) -> int:
         clip_model = None if args.no_clip else args.clip_model
         modes = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         if args.sweep:
-            args.collect = str(run_sweep(pairs, args.out_dir, flag_overrides(args, for_tokenflow_command=True), args.sweep,
-                                             args.launcher_arg, modes))
-        result = collect(args.collect, args.out_dir, clip_model=clip_model, flow=args.flow) if args.collect else table1(
-            pairs, args.out_dir, overrides=flag_overrides(args), clip_model=None if args.no_clip else args.clip_model,
-            flow=args.flow, in_process=args.in_process, modes=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        )
+            sweep_dir, cells = run_sweep(pairs, args.out_dir, flag_overrides(args), args.sweep, args.launcher_arg, modes)
+            result = collect(sweep_dir, args.out_dir, clip_model=clip_model, flow=args.flow, cells=cells)
+        elif args.collect:
+            result = collect(args.collect, args.out_dir, clip_model=clip_model, flow=args.flow)
+        else:
+            result = table1(pairs, args.out_dir, overrides=flag_overrides(args), clip_model=clip_model, flow=args.flow,
+                            in_process=args.in_process, modes=modes)
     except (ValueError, FileNotFoundError, HydraException) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -473,7 +480,9 @@ def _yaml_text(text: str) -> str:
 def sweep_experiments(pairs: list[Pair], modes: tuple[str, ...], folder: Path) -> list[str]:
     """One experiment config per cell into folder/experiment/: the table's experiment_<mode> with the
     pair's video and prompt set -> the experiment names, pair by pair."""
-    conf = Path(__file__).resolve().parents[1] / "conf" / "experiment"
+    from tokenflow.hydra_config import conf_dir
+
+    conf = conf_dir() / "experiment"
     (folder / "experiment").mkdir(parents=True, exist_ok=True)
     names = []
     for i, pair in enumerate(pairs):
@@ -507,54 +516,63 @@ def check_request(pairs: list[Pair], modes: tuple[str, ...]) -> None:
 
 
 def run_sweep(pairs: list[Pair], out_dir: Path | str, overrides: list[str], launcher: str, launcher_args: list[str],
-              modes: tuple[str, ...] = MODES) -> Path:
-    """Every cell as one job of one multirun on `launcher` -> the multirun folder (a job that fails
-    leaves no run.json: its row carries the error when collected)."""
+              modes: tuple[str, ...] = MODES) -> tuple[Path, list[tuple[Pair, str]]]:
+    """Every cell as one job of one multirun on `launcher` -> (the multirun folder, the cells in job
+    order: job k's folder is <folder>/k). A job that fails leaves no run.json: its row carries the
+    error when collected."""
     check_request(pairs, modes)
-    from tokenflow.cli import prepare_argv
-
     out_dir = Path(out_dir)
-    # `overrides` as typed: the tokenflow command prepares them itself; composing here needs them prepared
-    check_inputs(pairs, [run_config(p, modes[0], prepare_argv(list(overrides))) for p in pairs])
+    # `overrides` as typed, as the tokenflow command takes them
+    check_inputs(pairs, [run_config(p, modes[0], list(overrides)) for p in pairs])
     folder, sweep_dir = out_dir / "sweep_conf", out_dir / "multirun"
     cmd = sweep_command(sweep_experiments(pairs, modes, folder), folder, sweep_dir, overrides, launcher, launcher_args)
     print(f"[table1] {' '.join(cmd)}", file=sys.stderr)
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
         print(f"[table1] the sweep exited with code {proc.returncode}; collecting what finished", file=sys.stderr)
-    return sweep_dir
+    return sweep_dir, [(pair, mode) for pair in pairs for mode in modes]
 
 
-def job_method(cfg: dict) -> str:
+def job_method(cfg: RunConfig) -> str:
     """The Table 1 method of a run's config: its tokenflow.mode, tokenflow_released for the released rule."""
-    tf = cfg["tokenflow"]
-    return "tokenflow_released" if tf["mode"] == "tokenflow" and tf.get("propagation") == "released" else tf["mode"]
+    tf = cfg.tokenflow
+    return "tokenflow_released" if tf.mode == "tokenflow" and tf.propagation == "released" else tf.mode
 
 
-def collect(multirun: Path | str, out_dir: Path | str, *, clip_model: str | None = None, flow: str = "dis") -> Table1:
-    """Score a finished multirun folder (one job folder per run, each with Hydra's .hydra/config.yaml)
-    into table1.md and table1.csv in out_dir."""
+def read_run_config(run_dir: Path) -> RunConfig:
+    """The settings a finished run ran with (its config.yaml, written with its outputs)."""
     from omegaconf import OmegaConf
 
+    return RunConfig.from_dict(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
+
+
+def collect(multirun: Path | str, out_dir: Path | str, *, clip_model: str | None = None, flow: str = "dis",
+            cells: list[tuple[Pair, str]] | None = None) -> Table1:
+    """Score a finished multirun folder (one folder per finished run, each with its config.yaml and
+    run.json) into table1.md and table1.csv in out_dir. `cells`: the (pair, method) of job k, whose
+    folder is <multirun>/k (a sweep of run_sweep's), so a job that failed is a row with its error."""
     multirun, out_dir = Path(multirun), Path(out_dir)
-    jobs = sorted((p.parent.parent for p in multirun.rglob(".hydra/config.yaml")), key=lambda p: str(p))
+    finished = {p.parent for p in multirun.rglob("run.json") if (p.parent / "config.yaml").is_file()}
+    jobs = sorted(finished, key=lambda p: str(p)) if cells is None else [multirun / str(k) for k in range(len(cells))]
     if not jobs:
-        raise ValueError(f"{multirun}: no job folders (none holds .hydra/config.yaml): is it a tokenflow -m sweep dir?")
+        raise ValueError(f"{multirun}: no finished runs (no folder holds run.json and config.yaml): is it a tokenflow -m sweep dir?")
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = {m[0]: m[1] for m in METHODS}
     pairs: list[Pair] = []
     rows, configs = [], []
-    for job in jobs:
-        resolved = job / "config.yaml"  # run_edit's, resolved; written only by a run that succeeded
-        cfg = OmegaConf.to_container(OmegaConf.load(resolved if resolved.is_file() else job / ".hydra" / "config.yaml"))
-        pair = Pair(str(cfg["video"]), str(cfg["prompt"]))
+    for k, job in enumerate(jobs):
+        cfg = read_run_config(job) if job in finished else None
+        if cfg is not None:
+            pair, mode = Pair(str(cfg.video), str(cfg.prompt)), job_method(cfg)
+            configs.append(cfg)
+        else:  # a cell of a sweep whose job left no finished run
+            pair, mode = cells[k]
         if pair not in pairs:
             pairs.append(pair)
-        i, mode = pairs.index(pair), job_method(cfg)
-        configs.append(cfg)
+        i = pairs.index(pair)
         row = Row("pair", str(i), pair.video, pair.prompt, mode, labels.get(mode, mode), run_dir=str(job))
-        if not (job / "run.json").is_file():
-            row.error = f"{job}: no run.json (the job failed or has not finished; see its log)"
+        if cfg is None:
+            row.error = f"{job}: no run.json (the job failed; see the sweep's output)"
         else:
             try:
                 row.metrics, row.memory_kind = run_metrics(job, source_frames(cfg), pair.prompt, None, flow)
@@ -570,7 +588,7 @@ def collect(multirun: Path | str, out_dir: Path | str, *, clip_model: str | None
             for row in scored:
                 row.metrics["clip_score"] = clip(edited_frames(Path(row.run_dir)), row.prompt)
     means = mean_rows(rows, len(pairs))
-    random = any(cfg["model"]["source"] == "tiny" for cfg in configs)
+    random = any(cfg.model.source == RANDOM for cfg in configs)
     md = write_markdown(out_dir / "table1.md", means, pairs, [f"collected from {multirun}"], flow, random_weights=random)
     return Table1(means=means, rows=rows, markdown=md, csv=write_csv(out_dir / "table1.csv", means + rows))
 

@@ -222,19 +222,21 @@ def run_frames(run_dir: Path, max_frames: int | None) -> tuple[np.ndarray, np.nd
 
     from omegaconf import OmegaConf
 
+    from tokenflow.config import RunConfig
+    from tokenflow.inputs import load_video
     from tokenflow.media import read_video
-    from tokenflow.pipeline import load_video
+    from tokenflow.models.presets import RANDOM
 
     run_dir = Path(run_dir)
     for name in ("config.yaml", "run.json"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir}: no {name} here; --run takes the folder of a finished tokenflow run "
                                     f"(outputs/DATE/TIME, with config.yaml, edited.mp4 and run.json)")
-    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    cfg = RunConfig.from_dict(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
     facts = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     video = load_video(cfg)
     if list(video.indices) != facts["source_indices"] or [video.height, video.width] != facts["size"]:
-        raise ValueError(f"{run_dir}: {cfg['video']} now reads as frames {video.indices[:3]}... at {video.width}x{video.height}, "
+        raise ValueError(f"{run_dir}: {cfg.video} now reads as frames {video.indices[:3]}... at {video.width}x{video.height}, "
                          f"not the run's frames {facts['source_indices'][:3]}... at {facts['size'][1]}x{facts['size'][0]}: "
                          f"the source changed since the run")
     edited_path = run_dir / "frames" if (run_dir / "frames").is_dir() else run_dir / "edited.mp4"
@@ -242,9 +244,9 @@ def run_frames(run_dir: Path, max_frames: int | None) -> tuple[np.ndarray, np.nd
     edited = read_video(edited_path, max_frames=max_frames).frames.numpy()
     notes = [f"source: {video.path}, frames {video.indices[0]}..{video.indices[-1]} at {video.width}x{video.height} "
              f"(as the run read it); edit: {edited_path}"]
-    if facts.get("model") == "tiny":
-        notes.append("this run used model=tiny (random weights): its output is noise and its warp error says nothing "
-                     "about TokenFlow")
+    if cfg.model.source == RANDOM:
+        notes.append(f"this run used model={cfg.model.name} (random weights): its output is noise and its warp error "
+                     "says nothing about TokenFlow")
     return source, edited, notes
 
 
