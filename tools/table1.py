@@ -555,7 +555,8 @@ def collect(multirun: Path | str, out_dir: Path | str, *, clip_model: str | None
     finished = {p.parent for p in multirun.rglob("run.json") if (p.parent / "config.yaml").is_file()}
     jobs = sorted(finished, key=lambda p: str(p)) if cells is None else [multirun / str(k) for k in range(len(cells))]
     if not jobs:
-        raise ValueError(f"{multirun}: no finished runs (no folder holds run.json and config.yaml): is it a tokenflow -m sweep dir?")
+        raise ValueError(f"{multirun}: no job folders (none holds a finished run's run.json and config.yaml): "
+                         "is it a tokenflow -m sweep dir?")
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = {m[0]: m[1] for m in METHODS}
     pairs: list[Pair] = []
