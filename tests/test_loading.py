@@ -312,6 +312,13 @@ def test_a_named_preset_of_another_kind_is_one_line_before_any_weight_is_read(fo
                               "model=sd21_base (or another SD-2.x preset: sd21_base, sd21, sd20_base) with this source")
 
 
+def test_the_kind_is_checked_before_eps_or_v_is_asked(ldm_file, tmp_path):
+    unnamed = tmp_path / "weights.safetensors"  # an SD-2.x file whose name says neither eps nor v
+    shutil.copy(ldm_file, unnamed)
+    with pytest.raises(CheckpointError, match=re.escape(f"model=sd15 is an SD-1.x model but {unnamed} holds an SD-2.x")):
+        build_models(model("sd15", unnamed), device="cpu", dtype=torch.float32)
+
+
 def test_a_preset_of_the_folders_kind_loads_it(folder, refs):
     models = build_models(model("sd20_base", folder), device="cpu", dtype=torch.float32)
     assert models.config.kind == "sd2" and models.config.source == str(folder) and models.config.preset is None

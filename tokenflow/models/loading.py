@@ -11,8 +11,9 @@ offline gives one error saying what to do), a diffusers folder (`model_index.jso
    header (names and shapes; no weight is read);
 3. build the config (`plan_folder`, `plan_ldm_file`): the model KIND (tokenflow.models.presets.KINDS,
    from a folder's configs or an ldm file's key prefixes and shapes: it decides the text tower and the
-   tokenizer's rules), eps or v, the UNet/VAE/text configs, and each part built on the meta device
-   and checked key by key against the file's names and shapes;
+   tokenizer's rules; it must be the kind of the preset the user named, if any), eps or v, the
+   UNet/VAE/text configs, and each part built on the meta device and checked key by key against the
+   file's names and shapes;
 4. fill strictly (`fill`): each part's tensors read in the target dtype and assigned to its model.
 
 Every problem a file can have (missing, pickled, truncated, of no known kind, a key or a shape off)
@@ -84,9 +85,7 @@ def load_models(
     _check_prediction_type(prediction_type)
     files = find_files(str(source), variant)                                    # 1.
     header = read_headers(files)                                                # 2.
-    plan = (plan_folder if files.layout == "diffusers" else plan_ldm_file)(files, header, prediction_type)  # 3.
-    if expect is not None:
-        check_kind(plan.kind, expect, files.source)
+    plan = (plan_folder if files.layout == "diffusers" else plan_ldm_file)(files, header, prediction_type, expect)  # 3.
     return fill(plan, files, dtype=dtype, device=str(device))                   # 4.
 
 
@@ -265,12 +264,25 @@ def _stand_ins(shapes: dict[str, tuple[int, ...]], prefix: str = "") -> dict[str
     return {k[len(prefix):]: torch.empty(shape, device="meta") for k, shape in shapes.items() if k.startswith(prefix)}
 
 
+def check_kind(kind: ModelKind, expect: Preset | None, source: str) -> None:
+    """The kind found against the preset the user named (None: none named), as soon as the kind is
+    known: a checkpoint of another kind would run with the preset's size and settings but the files'
+    text tower and tokenizer rules. Refused, with the presets that fit it."""
+    if expect is not None and kind.name != expect.kind:
+        fits = [p.name for p in PRESETS.values() if p.kind == kind.name and not p.random_only]
+        raise CheckpointError(
+            f"model={expect.name} is an {expect.model_kind.family} model but {source} holds an {kind.family} "
+            f"checkpoint: pass model={fits[0]} (or another {kind.family} preset: {', '.join(fits)}) with this source"
+        )
+
+
 # --- a diffusers folder: the configs say it all
 
 
-def plan_folder(files: Files, header: Header, prediction_type: str | None) -> Plan:
+def plan_folder(files: Files, header: Header, prediction_type: str | None, expect: Preset | None) -> Plan:
     c, w = header.configs, files.weights
     kind = _folder_kind(files.root, c["unet"], c["text_encoder"])
+    check_kind(kind, expect, files.source)
     schedule = _folder_schedule(files.root, c["scheduler"], prediction_type, kind)  # a question costs nothing to ask
     parts = {
         "unet": _part(UNet, UNetConfig.from_diffusers_config(c["unet"]), w["unet"], header.shapes[w["unet"]]),
@@ -320,10 +332,11 @@ def _folder_schedule(root: Path, config: dict | None, prediction_type: str | Non
 # --- one ldm file: the key prefixes and shapes say it all, the name says eps or v
 
 
-def plan_ldm_file(files: Files, header: Header, prediction_type: str | None) -> Plan:
+def plan_ldm_file(files: Files, header: Header, prediction_type: str | None, expect: Preset | None) -> Plan:
     path = files.root
     shapes = header.shapes[path]
     kind = ldm_kind(shapes, path)
+    check_kind(kind, expect, files.source)
     prediction_type = prediction_type or prediction_type_from_name(path) or kind.prediction_type
     if prediction_type is None:
         raise CheckpointError(
@@ -411,20 +424,6 @@ def prediction_type_from_name(path: Path) -> str | None:
     if re.search(r"512|base|eps", name):
         return "epsilon"
     return None
-
-
-# --- the preset the user named
-
-
-def check_kind(kind: ModelKind, expect: Preset, source: str) -> None:
-    """A checkpoint of another kind than the named preset's would run with the preset's size and
-    settings but the files' text tower and tokenizer rules: refused, with the presets that fit it."""
-    if kind.name != expect.kind:
-        fits = [p.name for p in PRESETS.values() if p.kind == kind.name and not p.random_only]
-        raise CheckpointError(
-            f"model={expect.name} is an {expect.model_kind.family} model but {source} holds an {kind.family} "
-            f"checkpoint: pass model={fits[0]} (or another {kind.family} preset: {', '.join(fits)}) with this source"
-        )
 
 
 # ----------------------------------------------------------------------------- 4. fill strictly
