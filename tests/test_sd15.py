@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from clip_text import TextConfig, TextEncoder
@@ -27,7 +25,7 @@ from fixtures_sd import (
 from test_hub_cache import write_hub_cache
 from test_tokenizer import PROMPTS
 from tokenflow import load_models
-from tokenflow.config import ModelConfig
+from tokenflow.config import ModelConfig, load_config
 from tokenflow.models import build_models
 from tokenflow.models.checkpoint import CheckpointError
 from tokenflow.models.presets import PRESETS
@@ -36,7 +34,6 @@ from unet import UNet, UNetConfig
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[1]
 SD15_BLOCKS = dict(
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2,
@@ -266,11 +263,10 @@ def test_pipeline_runs_end_to_end_on_tiny_sd15(tmp_path):
     from tokenflow.pipeline import run_edit
 
     clip = make_sample_clip(tmp_path / "clip.mp4", frames=5, size=64, fps=10)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = OmegaConf.to_container(compose("config", overrides=[
-            "model=tiny_sd15", f"video={clip}", "size=64", "steps=2", "inversion.steps=4", "progress=false",
-            "tokenflow.keyframe_interval=2", f"inversion.cache_dir={tmp_path / 'cache'}",
-        ]), resolve=True)
+    cfg = load_config([
+        "model=tiny_sd15", f"video={clip}", "size=64", "steps=2", "inversion.steps=4", "progress=false",
+        "tokenflow.keyframe_interval=2", f"inversion.cache_dir={tmp_path / 'cache'}",
+    ])
     out = tmp_path / "run"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
