@@ -2,7 +2,6 @@
 key layout) and one ldm file; outputs equal to the references; every bad input a clear error."""
 
 import dataclasses
-import json
 import re
 import shutil
 import warnings

@@ -19,10 +19,6 @@ _LAZY = {
 
 
 def __getattr__(name):
-    if name == "TINY_SOURCES":  # the random-only presets' names, for callers not yet on build_models
-        from .presets import PRESETS
-
-        return tuple(n for n, p in PRESETS.items() if p.random_only)
     if name in _LAZY:
         import importlib
 
