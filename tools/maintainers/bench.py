@@ -397,22 +397,19 @@ def run_e2e(frames: int = 16, size: int = 128, device: str = "cpu", dtype: str =
     """One tiny-model edit (model=tiny: its step counts) of the generated sample clip via
     tokenflow.pipeline.run_edit, with the inversion cache off so inversion is really computed.
     Returns the stage timings the pipeline wrote to run.json."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from tokenflow.pipeline import run_edit
+    from tokenflow.config import load_config
     from tokenflow.media.sample_clip import make_sample_clip
+    from tokenflow.pipeline import run_edit
 
     with tempfile.TemporaryDirectory(prefix="tokenflow-bench-") as tmp:
         clip = make_sample_clip(Path(tmp) / "clip.mp4", frames=frames, size=size)
         overrides = ["model=tiny", f"video={clip}", f"size={size}", "progress=false", "inversion.cache=false",
                      f"device={device}", f"dtype={dtype}", "output.side_by_side=false", *extra_overrides]
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-            cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+        cfg = load_config(overrides)
         run_edit(cfg, Path(tmp) / "run")
         run = json.loads((Path(tmp) / "run" / "run.json").read_text())
     return {
-        "frames": run["frames"], "size": run["size"], "steps": cfg["steps"], "inversion_steps": cfg["inversion"]["steps"],
+        "frames": run["frames"], "size": run["size"], "steps": cfg.steps, "inversion_steps": cfg.inversion.steps,
         "device": run["device"], "dtype": run["dtype"], "timings_s": run["timings_s"],
         "seconds_per_frame": run["seconds_per_frame"], "peak_memory_mb": run["peak_memory_mb"],
     }
