@@ -54,10 +54,9 @@ def device_error_line(error: BaseException) -> str | None:
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
     """auto: float16 on a GPU; float32 on a CPU, also one with native bfloat16 (AVX512-BF16/AMX):
-    bfloat16 there runs the full-size UNet 1.76x faster, but changes the edit, not just its last bits
-    (tiny model, whole run in bfloat16: 26-43% of the NN field's matches move, the frames differ by
-    20/255 on average), so the CPU's default stays the reference result and the speed is one
-    override away, dtype=bfloat16 (docs/cpu-dtype.md)."""
+    bfloat16 there is faster but changes the edit, not just its last bits (the NN field's matches
+    move), so the CPU's default stays the reference result and the speed is one override away,
+    dtype=bfloat16 (docs/cpu-dtype.md has the measurements)."""
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
