@@ -13,7 +13,7 @@ import torch
 from sampler.ddim import inversion_timesteps
 from tokenflow.inversion import invert_frames
 from tokenflow.inversion_cache import InversionCache
-from tokenflow.models.tiny import build_tiny_models
+from tokenflow.models import build_random
 
 N_FRAMES, INVERSION_STEPS = 6, 4
 FIELDS = dict(
@@ -23,7 +23,7 @@ FIELDS = dict(
 
 
 def _inputs():
-    models = build_tiny_models(seed=0)
+    models = build_random("tiny", seed=0)
     schedule = models.config.schedule
     keep = schedule.timesteps(3).tolist()
     clean = torch.randn(N_FRAMES, 4, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -15,7 +15,7 @@ from tokenflow.edit import EditSettings, PromptEmbeddings, edit_start, edit_vide
 from tokenflow.inversion import decode_latents, encode_frames, invert_frames
 from tokenflow.inversion_cache import InversionCache
 from tokenflow.media.sample_clip import make_sample_clip
-from tokenflow.models.tiny import build_tiny_models
+from tokenflow.models import build_random
 from tokenflow.device import DeviceError, device_error_line
 from tokenflow.measure import PeakMemory, Stopwatch
 
@@ -152,7 +152,7 @@ def test_bfloat16_tiny_unet_with_a_float32_state_inverts_and_reconstructs_like_f
     clean = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
-        models = build_tiny_models(dtype=dtype)
+        models = build_random("tiny", dtype=dtype)
         schedule = models.config.schedule
         timesteps = schedule.timesteps(20)
         prompt = torch.randn(1, 77, models.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
@@ -179,7 +179,7 @@ def test_edit_keeps_float32_latents_between_steps_under_a_bfloat16_unet(method):
     clean = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     edited = {}
     for dtype in (torch.float32, torch.bfloat16):
-        models = build_tiny_models(dtype=dtype)
+        models = build_random("tiny", dtype=dtype)
         schedule = models.config.schedule
         timesteps = schedule.timesteps(3).tolist()
         with torch.no_grad():
@@ -194,7 +194,7 @@ def test_edit_keeps_float32_latents_between_steps_under_a_bfloat16_unet(method):
 
 
 def test_vae_stages_take_float32_latents_with_a_reduced_precision_vae():
-    models = build_tiny_models(dtype=torch.bfloat16)
+    models = build_random("tiny", dtype=torch.bfloat16)
     images = torch.rand(3, 3, 64, 64) * 2 - 1
     clean = encode_frames(models.vae, images, batch_size=2)
     assert clean.dtype == torch.float32 and clean.shape == (3, 4, 8, 8)
@@ -208,7 +208,7 @@ def test_vae_stages_take_float32_latents_with_a_reduced_precision_vae():
 def test_inversion_copies_each_batch_to_the_host_once_and_caches_from_that_copy(monkeypatch, tmp_path):
     """Before: one copy per kept timestep per batch, then one per frame and timestep for the cache
     (here 3 + 3 x 3 per batch of 3 frames). Now: one [T, b, 4, h, w] copy per batch."""
-    models = build_tiny_models()
+    models = build_random("tiny")
     schedule = models.config.schedule
     keep = schedule.timesteps(3).tolist()
     clean = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(4))

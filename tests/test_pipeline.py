@@ -112,9 +112,8 @@ def test_long_prompt_is_truncated_with_a_recorded_warning(tmp_path, clip):
 ])
 def test_bad_input_fails_before_writing_anything(tmp_path, clip, override, error):
     out = tmp_path / "run"
-    cfg = config(tmp_path, f"video={clip}", override)
-    with pytest.raises(error):
-        run_edit(cfg, out)
+    with pytest.raises(error):  # the settings' own checks (prompt, mode, fps) fail before a run starts
+        run_edit(config(tmp_path, f"video={clip}", override), out)
     assert written(out) == []
 
 

@@ -173,8 +173,9 @@ class OutputConfig:
     def __post_init__(self):
         _require(_is_int(self.crf) and 0 <= self.crf <= 51, "output.crf", "an integer in [0, 51]", self.crf)
         if self.fps is not None:
-            _require(isinstance(self.fps, (int, float)) and not isinstance(self.fps, bool) and self.fps > 0,
-                     "output.fps", "null (the source's rate, fps / frames.stride) or a number > 0", self.fps)
+            # at least 0.01: the writers keep the rate as a fraction with a denominator of at most 1001
+            _require(isinstance(self.fps, (int, float)) and not isinstance(self.fps, bool) and self.fps >= 0.01,
+                     "output.fps", "null (the source's rate, fps / frames.stride) or a number >= 0.01", self.fps)
 
 
 @dataclass
