@@ -98,7 +98,7 @@ def test_table1_runs_its_cells_as_a_joblib_sweep_and_collects_the_folder(tmp_pat
     import yaml
 
     for job in jobs:
-        assert yaml.safe_load((out / "multirun" / job / ".hydra" / "config.yaml").read_text())["negative_prompt"] == "blurry, it's low res"
+        assert yaml.safe_load((out / "multirun" / job / "config.yaml").read_text())["negative_prompt"] == "blurry, it's low res"
 
     def cells():
         with open(out / "table1.csv") as f:

@@ -20,8 +20,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .hydra_config import register_resolvers
+
 INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT
 ERROR_EXIT = 2
+
+register_resolvers()  # on import: a launcher's worker process unpickles the job from this module
 
 
 def _remove_if_empty(out_dir: Path) -> str:

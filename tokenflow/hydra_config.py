@@ -60,6 +60,17 @@ def fresh_dir(path: str) -> str:
     return candidate
 
 
+def register_resolvers() -> None:
+    """The resolvers conf/config.yaml and sweeps use (idempotent). tokenflow.cli calls this on
+    import, so a launcher's worker process, which unpickles the job from there, has them too."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("tokenflow_fresh_dir"):
+        OmegaConf.register_new_resolver("tokenflow_fresh_dir", fresh_dir, use_cache=True)
+    if not OmegaConf.has_resolver("mod"):  # device=cuda:${mod:${hydra:job.num},4}: one GPU per sweep job
+        OmegaConf.register_new_resolver("mod", lambda a, b: int(a) % int(b))
+
+
 def register() -> None:
     """Put the schema, the model presets and the methods into Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
@@ -68,10 +79,7 @@ def register() -> None:
     from .config import ModelConfig
     from .models.presets import PRESETS
 
-    if not OmegaConf.has_resolver("tokenflow_fresh_dir"):
-        OmegaConf.register_new_resolver("tokenflow_fresh_dir", fresh_dir, use_cache=True)
-    if not OmegaConf.has_resolver("mod"):  # device=cuda:${mod:${hydra:job.num},4}: one GPU per sweep job
-        OmegaConf.register_new_resolver("mod", lambda a, b: int(a) % int(b))
+    register_resolvers()
     cs = ConfigStore.instance()
     schema = OmegaConf.structured(RunConfig)
     schema.method = MISSING  # chosen by the method group, whose options are different dataclasses

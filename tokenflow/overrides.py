@@ -90,8 +90,8 @@ def _check_type(key: str, value, kind) -> None:
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if value is None:
             return
-    if kind is typing.Any or kind is str:
-        return
+    if kind is typing.Any or kind is str or (isinstance(value, str) and "${" in value):
+        return  # an interpolation (device=cuda:${mod:${hydra:job.num},4}) is checked once resolved, by config.py
     if value is None:
         raise UsageError(f"{key}=null: {key} cannot be null")
     ok = {int: isinstance(value, int) and not isinstance(value, bool),
@@ -111,11 +111,22 @@ def _values(override) -> list:
     return [override.value()]
 
 
+def _searchpath_experiments(parsed) -> list[str]:
+    """Experiments of the folders a `hydra.searchpath=[file://DIR]` override adds (DIR/experiment/*.yaml)."""
+    names = []
+    for o in parsed:
+        if o.key_or_group == "hydra.searchpath":
+            for entry in o.value() or []:
+                if str(entry).startswith("file://"):
+                    names += sorted(p.stem for p in (Path(str(entry)[len("file://"):]) / "experiment").glob("*.yaml"))
+    return names
+
+
 def check(args: list[str]) -> None:
     """Refuse an override of a key, group option or value the schema does not have, in one line.
     `args`: the command line as Hydra will read it (after `prepare`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
+    from hydra.errors import HydraException, OverrideParseException
 
     parser = OverridesParser.create()
     parsed = []
@@ -124,13 +135,14 @@ def check(args: list[str]) -> None:
             continue
         try:
             parsed.append(parser.parse_override(arg))
-        except OverrideParseException as e:
+        except (OverrideParseException, HydraException) as e:
             raise UsageError(f"cannot read the override {arg!r}: {str(e).strip().splitlines()[0]}") from None
     chosen_methods = ["pnp"]
+    extra = _searchpath_experiments(parsed)
     for o in parsed:  # group options first: a method's keys depend on which method is chosen
         group = o.key_or_group
         if group in GROUPS:
-            options = group_options(group)
+            options = group_options(group) + (extra if group == "experiment" else [])
             for v in _values(o):
                 if v is None and group == "experiment":
                     continue
