@@ -88,7 +88,7 @@ def run_edit(cfg: RunConfig, out_dir: Path | str) -> RunFacts | None:
         cfg = replace(cfg, progress=cfg.progress and ranks.is_root)
     run = RunStages(device)
     warnings = [w for w in [random_weights_warning(cfg)] if w]
-    for w in warnings:
+    for w in warnings:  # said now, and again at the end with the run's other warnings
         say(f"warning: {w}")
     try:
         return _run_stages(cfg, out_dir, settings, device, dtype, ranks, run, warnings)
@@ -100,71 +100,53 @@ def run_edit(cfg: RunConfig, out_dir: Path | str) -> RunFacts | None:
 
 def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, device, dtype, ranks: Ranks | None,
                 run: RunStages, warnings: list[str]) -> RunFacts | None:
-    started = run.watch.started
     # 1. read: the selected frames, fitted to the run's size (uint8 [n, H, W, 3])
     with run.stage("read_video"):
         video = load_video(cfg)
-    for note in video.notes:
-        say(note)
-    for w in video.warnings:
-        say(f"warning: {w}")
-    fps, lost_sound = output_fps(cfg, video)
+    for line in video.notes + [f"warning: {w}" for w in video.warnings]:
+        say(line)
     n = video.num_frames
-    shard = None if ranks is None else ranks.shard(n)
-    own = list(range(n)) if shard is None else shard.frames  # the frames this process encodes, inverts, edits
+    shard = None if ranks is None else ranks.shard(n)  # torchrun: this process's share of the frames
+    own = list(range(n)) if shard is None else shard.frames
     run.frames = len(own)
 
     # 2. models: UNet, VAE, text encoder, tokenizer (tokenflow/models)
     with run.stage("load_models"):
         models = build_models(cfg.model, device=device, dtype=dtype)
         models.unet.set_feed_forward_chunk(cfg.tokenflow.ff_chunk)
-    schedule = models.config.schedule
 
-    # 3. encode: VAE posterior means of every frame, float32 (the DDIM state)  [n, 4, H/8, W/8]
+    # 3. encode: VAE posterior means, float32 (the DDIM state)  [len(own), 4, H/8, W/8]
     with run.stage("encode"):
         clean = encode_frames(models.vae, to_model_range(video.frames[own[0]: own[-1] + 1]), cfg.inversion.batch_size)
 
-    timesteps, record, edited_latents, reused, forwards = [], None, clean, 0, 0
+    edited_latents, record, reused, forwards = clean, None, 0, 0  # reconstruction: the clean latents, decoded
     if settings is not None:
         # 4. prompts: the inversion (source), negative and target prompts' embeddings
         with run.stage("encode_prompts"):
             prompts, prompt_warnings = embed_prompts(models, cfg, device)
-            timesteps = schedule.timesteps(cfg.steps).tolist()
-            cache = open_for_run(cfg, video, list(range(n)), timesteps, dtype, may_clear=shard is None or ranks.is_root)
-            run.cache = cache if shard is None or cache is None else shard.cache_view(cache)
-        warnings += prompt_warnings
-        for w in prompt_warnings:
+        for w in prompt_warnings:  # a prompt cut to CLIP's 77 tokens
             say(f"warning: {w}")
-
         # 5. invert: DDIM inversion of the original frames (Alg. 1 line 1), cached per frame
         with run.stage("inversion"):
-            source_latents, reused = _invert(cfg, models, schedule, clean, prompts, timesteps, run.cache)
-
-        # 6. edit: Alg. 1, every denoising step (edit.py)
+            timesteps = models.config.schedule.timesteps(cfg.steps).tolist()
+            source_latents, reused = _invert(cfg, video, models, clean, prompts, timesteps, dtype, shard, run)
+        # 6. edit: Alg. 1 at every denoising step (edit.py)
         with run.stage("editing"):
-            bar = FrameStepBar(f"editing ({settings.mode}, {settings.method})", len(own) * len(timesteps), cfg.progress)
-            watch = ProgressWatch(bar, len(own), shard=shard)
-            if shard is None:
-                edited_latents, record = edit_video_latents(models.unet, schedule, settings, prompts, source_latents, clean,
-                                                            timesteps, watch=watch)
-            else:  # the clip-sized tensors the loop indexes, this rank's rows filled
-                edited_latents, record = edit_video_latents(models.unet, schedule, settings, prompts, shard.full_source(source_latents),
-                                                            shard.full(clean), timesteps, watch=watch)
-                edited_latents = shard.own_rows(edited_latents)
-            bar.close()
-            forwards = watch.unet_frame_forwards
+            edited_latents, record, forwards = _edit(cfg, models, settings, prompts, source_latents, clean, timesteps, shard)
+        warnings = warnings + prompt_warnings
 
-    # 7. decode: the edited latents back to uint8 frames [n, H, W, 3]
+    # 7. decode: the edited latents back to uint8 frames [len(own), H, W, 3]
     with run.stage("decode"):
         edited = from_model_range(decode_latents(models.vae, edited_latents, cfg.inversion.batch_size))
 
+    fps, lost_sound = output_fps(cfg, video)  # the source's rate unless output.fps names one
     facts = RunFacts(
         video=str(video.path), frames=n, source_indices=list(video.indices), size=[video.height, video.width],
         fps=float(fps), notes=list(video.notes), model=cfg.model.name if cfg.model.source == "random" else str(cfg.model.source),
         mode=cfg.tokenflow.mode, method=cfg.method.name, prompt=cfg.prompt, device=device,
         dtype=str(dtype).replace("torch.", ""), inversion_cache=None if run.cache is None else str(run.cache.dir),
         inversion_frames_reused=reused, warnings=warnings + video.warnings + ([lost_sound] if lost_sound else []),
-        source=asdict(video.source), unet_frame_forwards=forwards, started=started,
+        source=asdict(video.source), unet_frame_forwards=forwards, started=run.watch.started,
         keyframes_per_step=[] if record is None else record.keyframes, timesteps=[] if record is None else record.timesteps,
     )
     if shard is not None:  # torchrun: every rank's decoded frames to rank 0, which writes; the others are done
@@ -188,10 +170,13 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
     return facts
 
 
-def _invert(cfg: RunConfig, models, schedule, clean, prompts, timesteps: list[int], cache):
-    """DDIM inversion of `clean` with a progress bar -> ({t: [n, 4, h, w]} float32 on the CPU, frames reused from the cache)."""
+def _invert(cfg: RunConfig, video, models, clean, prompts, timesteps: list[int], dtype, shard, run: RunStages):
+    """DDIM inversion of `clean` through the run's cache, with a progress bar -> ({t: [n, 4, h, w]}
+    float32 on the CPU, the number of frames the cache already held)."""
+    cache = open_for_run(cfg, video, list(range(video.num_frames)), timesteps, dtype, may_clear=shard is None or shard.ranks.is_root)
+    cache = run.cache = cache if shard is None or cache is None else shard.cache_view(cache)  # numbered as the whole clip's
     n = clean.shape[0]
-    grid = inversion_timesteps(schedule, cfg.inversion.steps, timesteps)  # the path each frame climbs
+    grid = inversion_timesteps(models.config.schedule, cfg.inversion.steps, timesteps)  # the path each frame climbs
     bar = FrameStepBar("inversion", n * len(grid), cfg.progress)
     reused = 0
 
@@ -202,7 +187,7 @@ def _invert(cfg: RunConfig, models, schedule, clean, prompts, timesteps: list[in
         say(f"reusing cached inversion of {k}/{n} frames from {cache.dir}")
 
     try:
-        latents = invert_frames(models.unet, schedule, clean, prompts.source, inversion_steps=cfg.inversion.steps,
+        latents = invert_frames(models.unet, models.config.schedule, clean, prompts.source, inversion_steps=cfg.inversion.steps,
                                 keep_timesteps=timesteps, batch_size=cfg.inversion.batch_size, cache=cache,
                                 on_progress=bar, on_reuse=on_reuse)
     finally:
@@ -210,3 +195,18 @@ def _invert(cfg: RunConfig, models, schedule, clean, prompts, timesteps: list[in
     if cache is not None and reused < n:
         say(f"inverted latents cached in {cache.dir}")
     return latents, reused
+
+
+def _edit(cfg: RunConfig, models, settings: EditSettings, prompts, source_latents, clean, timesteps: list[int], shard):
+    """Alg. 1 with a progress bar -> (edited latents of this process's frames, the loop's record, UNet frame-forwards)."""
+    frames = clean.shape[0]
+    bar = FrameStepBar(f"editing ({settings.mode}, {settings.method})", frames * len(timesteps), cfg.progress)
+    watch = ProgressWatch(bar, frames, shard=shard)
+    if shard is not None:  # the loop indexes clip-sized tensors: this rank's rows filled, keyframe rows exchanged
+        source_latents, clean = shard.full_source(source_latents), shard.full(clean)
+    try:
+        latents, record = edit_video_latents(models.unet, models.config.schedule, settings, prompts, source_latents, clean,
+                                             timesteps, watch=watch)
+    finally:
+        bar.close()
+    return (latents if shard is None else shard.own_rows(latents)), record, watch.unet_frame_forwards
