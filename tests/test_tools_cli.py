@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from repo_copy import copy_of_the_clone
 import pytest
 import torch
 
@@ -138,12 +139,13 @@ def readme_examples():
 
 
 def test_readme_examples_that_need_no_weights_run_as_written(tmp_path, readme_examples):
-    """Run from a copy of the repository's root (outputs land there, not in the checkout), as a
-    newcomer would after the README's set-up commands."""
+    """Run from the root of a copy of the repository (the tools run from a clone; outputs land in the
+    copy, not in the checkout), as a newcomer would after the README's set-up commands."""
     assert any(line.startswith("tokenflow model=tiny") for line in readme_examples)
     assert any("warp_error --run" in line for line in readme_examples)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENFLOW_CACHE=str(tmp_path / "cache"))
     tokenflow = shutil.which("tokenflow")
+    tmp_path = copy_of_the_clone(tmp_path / "clone")
     for line in readme_examples:
         argv = shlex.split(line)
         argv = [tokenflow, *argv[1:]] if argv[0] == "tokenflow" else [sys.executable, *argv[1:]]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+from repo_copy import copy_of_the_clone
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCT = {"unet", "vae", "clip_text", "sampler", "tokenflow"}
@@ -20,13 +20,7 @@ PRODUCT = {"unet", "vae", "clip_text", "sampler", "tokenflow"}
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """A wheel built from the clone's files as git sees them (a clean clone: no build/ of earlier builds)."""
-    clone = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (clone / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, clone / name)
+    clone = copy_of_the_clone(tmp_path_factory.mktemp("clone"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(clone), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
                    check=True, cwd=out)
