@@ -10,4 +10,7 @@ python -m pip install -q --no-warn-conflicts -e ".[test,cluster,docs]"  # cluste
 # open_clip_torch ships the real CLIP BPE vocabulary and OpenCLIP's reference tokenizer; --no-deps
 # because its dependencies (torchvision) have no CPU build here and the tests never import it.
 python -m pip install -q --no-deps open_clip_torch
-python -m pytest -q "$@"
+# Two test processes of one torch thread each: most tests wait on subprocesses, FFmpeg or imports, so
+# two workers keep both cores busy, and one thread each keeps them from fighting over the cores.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+python -m pytest -q -n "${TEST_WORKERS:-2}" "$@"
