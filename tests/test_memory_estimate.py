@@ -110,7 +110,7 @@ def test_vae_stages_are_counted_and_bounded_by_the_vae_batch_not_the_frames(smal
 
 
 def test_every_real_model_preset_can_be_estimated():
-    """--model takes every conf/model preset with weights: SD-1.5's estimate differs (its 8 wide heads
+    """--model takes every preset with weights (tokenflow/models/presets.py): SD-1.5's estimate differs (its 8 wide heads
     and 768-wide text), SD-2.0-base's equals SD-2.1-base's (the same architecture)."""
     from tools.memory_estimate import MODELS
 

@@ -201,14 +201,12 @@ def rank_facts(ranks: Ranks, shard: FrameShard, device: str, timings: dict, reus
 
 
 def remove_own_run_dir(ranks: Ranks, own: Path, root: Path) -> None:
-    """A rank other than 0 whose Hydra run dir (named by its own clock) is not rank 0's: remove it
-    when it holds only Hydra's files, so a launch leaves one run folder."""
+    """A rank other than 0 whose run dir (made by its own Hydra, named by its own clock) is not rank
+    0's: remove it while it is empty, so a launch leaves one run folder."""
     if ranks.is_root or own.resolve() == root.resolve() or not own.is_dir():
         return
-    if all(p.name == ".hydra" or p.suffix == ".log" for p in own.iterdir()):
-        import shutil
-
-        shutil.rmtree(own, ignore_errors=True)
+    if not any(own.iterdir()):
+        own.rmdir()
 
 
 class ShardCache:

@@ -46,7 +46,7 @@ class StagedOutputs:
     Every output goes into one hidden staging folder inside the run dir (the same file system, so
     moving it into place is a rename) and is published, in the order written, only once all of
     them are written; run.json, written last, lands last. Until then the run dir holds none of
-    this run's outputs, and `discard` removes the staging folder (Hydra's .hydra/ and log are not ours).
+    this run's outputs, and `discard` removes the staging folder.
     """
 
     def __init__(self, out_dir: Path):
