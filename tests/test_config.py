@@ -99,6 +99,8 @@ def test_unknown_keys_options_and_types_are_one_line_with_the_nearest_name(args,
     ("dtype=float8", "dtype must be one of auto, float32, float16, bfloat16"),
     ("model.prediction_type=x0", "model.prediction_type must be one of"),
     ("method.qk_fraction=1.5", "method.qk_fraction must be in [0, 1]"),
+    ("guidance_scale=nan", "guidance_scale must be a finite number, got nan"),
+    ("output.fps=inf", "output.fps must be null"),
 ])
 def test_range_errors_name_the_override(override, message):
     extra = ["frames.start=5"] if override.startswith("frames.end") else []

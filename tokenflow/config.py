@@ -11,6 +11,7 @@ Groups: `model=NAME` (tokenflow.models.presets: every preset, its weights and na
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -38,6 +39,11 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v) -> bool:
+    """A finite int or float (not a bool, not nan or inf)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _require(ok: bool, key: str, what: str, value) -> None:
     if not ok:
         raise ConfigError(f"{key} must be {what}, got {value!r}")
@@ -54,8 +60,7 @@ def _positive_int(key: str, value, *, optional: bool = False, minimum: int = 1) 
 
 
 def _fraction(key: str, value, *, low_open: bool = False) -> None:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = number and (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0)
+    ok = _is_number(value) and (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0)
     _require(ok, key, "in (0, 1]" if low_open else "in [0, 1]", value)
 
 
@@ -174,7 +179,7 @@ class OutputConfig:
         _require(_is_int(self.crf) and 0 <= self.crf <= 51, "output.crf", "an integer in [0, 51]", self.crf)
         if self.fps is not None:
             # at least 0.01: the writers keep the rate as a fraction with a denominator of at most 1001
-            _require(isinstance(self.fps, (int, float)) and not isinstance(self.fps, bool) and self.fps >= 0.01,
+            _require(_is_number(self.fps) and self.fps >= 0.01,
                      "output.fps", "null (the source's rate, fps / frames.stride) or a number >= 0.01", self.fps)
 
 
@@ -208,8 +213,7 @@ class RunConfig:
         self.size = _check_size(self.size)
         _positive_int("steps", self.steps)
         _require(_is_int(self.seed), "seed", "an integer", self.seed)
-        _require(isinstance(self.guidance_scale, (int, float)) and not isinstance(self.guidance_scale, bool),
-                 "guidance_scale", "a number", self.guidance_scale)
+        _require(_is_number(self.guidance_scale), "guidance_scale", "a finite number", self.guidance_scale)
         for key in ("prompt", "negative_prompt", "inversion_prompt"):
             _require(isinstance(getattr(self, key), str), key, "text", getattr(self, key))
         if self.tokenflow.mode != "reconstruction" and not self.prompt.strip():
