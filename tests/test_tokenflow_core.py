@@ -219,7 +219,7 @@ def test_modes_differ_and_settings_are_validated():
         EditSettings(keyframe_interval=0)
     with pytest.raises(ConfigError, match="unknown method ddim"):
         EditSettings(method="ddim")
-    with pytest.raises(ConfigError, match="guidance_scale must be a number"):
+    with pytest.raises(ConfigError, match="guidance_scale must be a finite number"):
         EditSettings(guidance_scale="7.5")
     for strength in (0.0, -0.1, 1.5):
         with pytest.raises(ConfigError, match=r"method.strength must be in \(0, 1\]"):
