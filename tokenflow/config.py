@@ -236,13 +236,10 @@ class RunConfig:
     def from_dict(cls, data: dict) -> RunConfig:
         """A plain dict (a run's config.yaml, resolved) -> a checked RunConfig; unknown keys are refused."""
         data = dict(data)
-        sections = {"frames": FramesConfig, "model": ModelConfig, "inversion": InversionConfig,
-                    "tokenflow": TokenFlowConfig, "output": OutputConfig}
-        method = dict(data.get("method") or {"name": "pnp"})
-        name = method.get("name", "pnp")
+        name = dict(data.get("method") or {}).get("name", PnPConfig.name)
         if name not in METHODS:
             raise ConfigError(f"unknown method {name} (choose one of {', '.join(METHODS)})")
-        sections["method"] = METHODS[name]
+        sections = {**section_classes(), "method": METHODS[name]}
         out = {}
         for key, value in data.items():
             if key not in cls.__dataclass_fields__:
@@ -261,6 +258,16 @@ class RunConfig:
         from dataclasses import asdict
 
         return asdict(self)
+
+
+def section_classes() -> dict[str, type]:
+    """RunConfig's sections by key (frames, model, inversion, tokenflow, output), read from its
+    field types; `method` is a section too, of the class its `name` picks (METHODS)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])}
 
 
 def _check_size(size):

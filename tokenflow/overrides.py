@@ -19,7 +19,7 @@ import re
 import typing
 from pathlib import Path
 
-from .config import METHODS, ConfigError, RunConfig
+from .config import METHODS, ConfigError, RunConfig, section_classes
 from .hydra_config import GROUPS, group_options
 
 TEXT_KEYS = ("prompt", "negative_prompt", "inversion_prompt")  # values taken literally
@@ -78,7 +78,7 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
 def _section_types(methods: list[str]) -> dict[str, dict[str, dict]]:
     """Top-level key -> {sub-key: type} of every section; `method` joins the fields of the methods chosen."""
     top = _fields(RunConfig)
-    sections = {k: _fields(t) for k, t in top.items() if dataclasses.is_dataclass(t)}
+    sections = {k: _fields(t) for k, t in section_classes().items()}
     sections["method"] = {k: v for m in methods for k, v in _fields(METHODS[m]).items()}
     return top, sections
 
