@@ -15,7 +15,7 @@ from tools.feature_capture import (
     HIGHEST_RES_DECODER_LAYER, edited_tokens, original_tokens, prepare_source, token_grid,
 )
 from tools.feature_pca import fit_pca, pca_figure
-from tools.figure_layout import read_png, tile_grid, write_png
+from tokenflow.figures.layout import read_png, tile_grid, write_png
 from tools.figures import main as figures_main
 from tools.nn_field_figure import PANELS, field_colour, nn_field_figure, nn_field_panels, panel_row, warp_rgb
 

@@ -1,5 +1,5 @@
-"""Figure layout for the paper-figure tools: a grid of equally sized RGB tiles with text labels,
-drawn with matplotlib (the one way the project draws) and written as a PNG.
+"""Figure layout for the paper's figures (the figure tools, the web app): a grid of equally sized
+RGB tiles with text labels, drawn with matplotlib (the one way the project draws) and written as a PNG.
 
 The tiles are token maps and frames whose pixels ARE the result, so they are placed pixel for pixel
 (`Figure.figimage`, no resampling) on a figure exactly as large as the layout, and only the labels
