@@ -72,10 +72,12 @@ class RunStages:
             self.watch.lap(name)
 
 
-def run_edit(cfg: RunConfig, out_dir: Path | str) -> RunFacts | None:
+def run_edit(cfg: RunConfig, out_dir: Path | str, *, models=None) -> RunFacts | None:
     """One edit of cfg's video into `out_dir`: config.yaml, edited.mp4, side_by_side.mp4 (unless
     output.side_by_side=false), frames/ (output.png_frames=true) and run.json, all or none of them.
-    Returns the run's facts (None on a torchrun rank other than 0, which writes nothing)."""
+    Returns the run's facts (None on a torchrun rank other than 0, which writes nothing).
+    `models`: cfg.model's models already built on cfg's device and dtype (a long-lived process such as
+    the web app keeps them loaded between runs); None builds them."""
     out_dir = Path(out_dir)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -91,7 +93,7 @@ def run_edit(cfg: RunConfig, out_dir: Path | str) -> RunFacts | None:
     for w in warnings:  # said now, and again at the end with the run's other warnings
         say(f"warning: {w}")
     try:
-        return _run_stages(cfg, out_dir, settings, device, dtype, ranks, run, warnings)
+        return _run_stages(cfg, out_dir, settings, device, dtype, ranks, run, warnings, models)
     finally:
         if ranks is not None:
             remove_own_run_dir(ranks, own_dir, out_dir)
@@ -99,7 +101,7 @@ def run_edit(cfg: RunConfig, out_dir: Path | str) -> RunFacts | None:
 
 
 def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, device, dtype, ranks: Ranks | None,
-                run: RunStages, warnings: list[str]) -> RunFacts | None:
+                run: RunStages, warnings: list[str], models=None) -> RunFacts | None:
     # 1. read: the selected frames, fitted to the run's size (uint8 [n, H, W, 3])
     with run.stage("read_video"):
         video = load_video(cfg)
@@ -112,7 +114,7 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
 
     # 2. models: UNet, VAE, text encoder, tokenizer (tokenflow/models)
     with run.stage("load_models"):
-        models = build_models(cfg.model, device=device, dtype=dtype)
+        models = build_models(cfg.model, device=device, dtype=dtype) if models is None else models
         models.unet.set_feed_forward_chunk(cfg.tokenflow.ff_chunk)
 
     # 3. encode: VAE posterior means, float32 (the DDIM state)  [len(own), 4, H/8, W/8]

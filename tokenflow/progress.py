@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
 from .edit import LoopWatch
+
+
+Listener = Callable[[str, int, int], None]  # (stage, frame-steps done, total)
+_listener: ContextVar[Listener | None] = ContextVar("frame_step_listener", default=None)
+
+
+@contextmanager
+def listening(listener: Listener) -> Iterator[None]:
+    """Every FrameStepBar made inside the block also reports each tick to listener(stage, done, total):
+    a page's progress bar. Raising in it (KeyboardInterrupt) stops the run there as Ctrl-C does."""
+    token = _listener.set(listener)
+    try:
+        yield
+    finally:
+        _listener.reset(token)
 
 
 class FrameStepBar:
@@ -15,14 +33,24 @@ class FrameStepBar:
 
     def __init__(self, desc: str, total: int, enabled: bool):
         self.bar = tqdm(total=total, desc=desc, unit="frame", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+        self.desc, self.done, self.total = desc, 0, total
+        self.listener = _listener.get()
 
     def __call__(self, k: int) -> None:
         self.bar.update(k)
+        self.done += k
+        self._tell()
 
     def skip(self, k: int) -> None:
         """k frame-steps that cost nothing (cached): out of the total, so the ETA stays honest."""
         self.bar.total -= k
+        self.total -= k
         self.bar.refresh()
+        self._tell()
+
+    def _tell(self) -> None:
+        if self.listener is not None:
+            self.listener(self.desc, self.done, self.total)
 
     def close(self) -> None:
         self.bar.close()

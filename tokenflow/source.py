@@ -8,6 +8,7 @@ invert) through the same functions and returns what they made; it writes nothing
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -40,9 +41,13 @@ class SourceVideo:
     warnings: list[str] = field(default_factory=list)
 
 
-def prepare_source(cfg: RunConfig, positions: list[int] | None = None, invert: bool = True) -> SourceVideo:
+def prepare_source(cfg: RunConfig, positions: list[int] | None = None, invert: bool = True, *, models=None,
+                   on_progress: Callable[[int], None] | None = None) -> SourceVideo:
     """Read, load the models, encode, embed the prompts and invert (cached). `positions`: only these
-    frames of the selection (a figure of two frames needs no more); `invert=False` stops after encoding."""
+    frames of the selection (a figure of two frames needs no more); `invert=False` stops after encoding.
+    `models`: cfg.model's, already built on cfg's device and dtype (None builds them); `on_progress(k)`:
+    k more frame-steps of the inversion are done (raising in it, e.g. KeyboardInterrupt, stops the
+    inversion with the finished frames cached)."""
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     video = load_video(cfg)
@@ -51,7 +56,7 @@ def prepare_source(cfg: RunConfig, positions: list[int] | None = None, invert: b
     if bad:
         raise ValueError(f"frames {bad} are outside the clip's {video.num_frames} selected frames (0..{video.num_frames - 1})")
     frames = video.frames[positions]
-    models = build_models(cfg.model, device=device, dtype=dtype)
+    models = build_models(cfg.model, device=device, dtype=dtype) if models is None else models
     models.unet.set_feed_forward_chunk(cfg.tokenflow.ff_chunk)
     clean = encode_frames(models.vae, to_model_range(frames), cfg.inversion.batch_size)
     src = SourceVideo(cfg=cfg, video=video, frames=frames, models=models, device=device, dtype=dtype, clean=clean)
@@ -62,5 +67,6 @@ def prepare_source(cfg: RunConfig, positions: list[int] | None = None, invert: b
     src.timesteps = schedule.timesteps(cfg.steps).tolist()
     cache = open_for_run(cfg, video, positions, src.timesteps, dtype)
     src.source_latents = invert_frames(models.unet, schedule, clean, src.prompts.source, inversion_steps=cfg.inversion.steps,
-                                       keep_timesteps=src.timesteps, batch_size=cfg.inversion.batch_size, cache=cache)
+                                       keep_timesteps=src.timesteps, batch_size=cfg.inversion.batch_size, cache=cache,
+                                       on_progress=on_progress)
     return src
