@@ -63,6 +63,7 @@ class StageResult:
     message: str  # one line (or a few): what happened, or the error as the command line says it
     ok: bool = True
     images: dict[str, np.ndarray] = field(default_factory=dict)  # uint8 [H, W, 3] by name
+    frames: dict[str, torch.Tensor] = field(default_factory=dict)  # the frames shown, uint8 [k, H, W, 3] by row
     files: dict[str, str] = field(default_factory=dict)  # outputs by name
     facts: dict | None = None  # run.json's contents (edit)
 
@@ -234,7 +235,8 @@ class Workbench:
             n, (h, w) = src.frames.shape[0], src.frames.shape[1:3]
             lines = [f"inverted {n} frames {w}x{h} ({cfg.inversion.steps} inversion steps, {len(src.timesteps)} sampling "
                      f"steps); the source prompt sampled back: PSNR {psnr(recon, src.frames):.2f} dB"]
-            return StageResult(_with_warnings(lines, cfg, src.video.warnings + src.warnings), images={"invert": image})
+            return StageResult(_with_warnings(lines, cfg, src.video.warnings + src.warnings), images={"invert": image},
+                               frames={"source": src.frames, "reconstruction": recon})
 
         return self.run("invert", work, owner)
 
@@ -259,7 +261,8 @@ class Workbench:
             image = strip({"source": src.frames[keyframes], "edited jointly": frames}, keyframes)
             lines = [f"step {at}'s keyframes {keyframes} (of {n} frames, one per interval of {settings.keyframe_interval}) "
                      f"edited jointly with extended attention, {settings.method}, every step on these frames"]
-            return StageResult(_with_warnings(lines, cfg, src.warnings), images={"keyframes": image})
+            return StageResult(_with_warnings(lines, cfg, src.warnings), images={"keyframes": image},
+                               frames={"source": src.frames[keyframes], "edited jointly": frames})
 
         return self.run("keyframes", work, owner)
 
