@@ -15,7 +15,7 @@ from tokenflow.media.sample_clip import make_sample_clip
 from tools.maintainers.ui_browser import AppServer, Page, chromium_missing
 
 FRAMES, FPS = 5, 10
-SETTINGS = ["model=tiny", "size=64", "steps=2", "inversion.steps=3", "progress=false"]
+SETTINGS = ["model=tiny", "size=64", "steps=2", "inversion.steps=3", f"frames.max={FRAMES}", "progress=false"]
 
 missing = chromium_missing()
 pytestmark = pytest.mark.skipif(missing is not None, reason=f"browser test: {missing} (tests/run.sh installs it)")
@@ -67,4 +67,30 @@ def test_a_bad_setting_is_one_line_in_the_page_without_a_traceback(app, page):
     status = page.run_stage("invert")
     assert status == "error: tokenflow.keyframe_interval must be an integer >= 1, got 0"
     assert "Traceback" not in page.page_text()
-    assert "error: tokenflow.keyframe_interval" in page.text("command")  # the command box says it too
+    page.wait_for(lambda: page.text("command").startswith("error: tokenflow.keyframe_interval"), 10,
+                  "the command box to say it too")
+
+
+def test_a_second_visitor_waits_in_the_queue_and_only_the_owner_stops_a_stage(app):
+    first, second = Page(app.url), Page(app.url)
+    try:
+        first.type_into("steps", "400")  # long enough to be stopped midway
+        first.open_tab("edit")
+        first.find("#edit-go").click()
+        first.wait_for(lambda: "editing" in first.page_text() or "inversion" in first.page_text() or
+                       "inverting" in first.page_text(), 30, "the first edit to start")
+        second.open_tab("edit")
+        second.find("#edit-go").click()
+        second.wait_for(lambda: "queue: 1/1" in second.page_text(), 15, "the second visitor to see the queue")
+
+        second.find("#stop").click()
+        assert second.wait_for(lambda: second.find("#stop-note").text, 10, "the stop note").startswith(
+            "the running edit stage is another visitor's")
+        first.find("#stop").click()
+        status = first.wait_for(lambda: first.text("edit-status"), 30, "the first edit to stop")
+        assert status.startswith("interrupted during ") and "no outputs were written" in status, status
+        assert first.find("#edit-video video") is None
+        assert second.wait_for(lambda: second.text("edit-status"), 60, "the second edit").startswith(f"wrote {FRAMES} frames")
+    finally:
+        first.close()
+        second.close()

@@ -7,7 +7,6 @@ Every stage goes through one queue of one (Gradio's: a second visitor's request 
 shows its place); the work is stages.Workbench's, which calls the same functions as the command line.
 """
 
-from __future__ import annotations
 
 import argparse
 import sys
@@ -17,6 +16,7 @@ from ..config import ConfigError, MODES, RULES
 from ..config import METHODS
 from ..models.presets import PRESETS
 from ..pipeline import RANDOM_WEIGHTS_WARNING
+from ..figures.tokens import default_step
 from .form import Form, form_from_overrides
 from .stages import VIDEO_SUFFIXES, StageResult, Workbench, save_upload
 
@@ -88,20 +88,20 @@ def build_page(bench: Workbench, first: Form):
                 with gr.Tab("1. invert"):
                     invert_go = gr.Button("Invert and reconstruct", variant="primary", elem_id="invert-go")
                     invert_msg = gr.Textbox(label="invert", interactive=False, lines=2, elem_id="invert-status")
-                    invert_img = gr.Image(label="source | its reconstruction", type="numpy", elem_id="invert-image")
+                    invert_img = gr.Image(label="source | its reconstruction", show_label=False, type="numpy", elem_id="invert-image")
                 with gr.Tab("2. keyframes"):
                     with gr.Row():
-                        kf_step = gr.Number(None, label="denoising step (empty: a fifth of the way in)", precision=0)
+                        kf_step = gr.Number(default_step(first.steps), label="denoising step (0: the first)", precision=0, elem_id="keyframes-step")
                         kf_go = gr.Button("Edit this step's keyframes", variant="primary", elem_id="keyframes-go")
                     kf_msg = gr.Textbox(label="keyframes", interactive=False, lines=2, elem_id="keyframes-status")
-                    kf_img = gr.Image(label="keyframes: source | edited jointly", type="numpy", elem_id="keyframes-image")
+                    kf_img = gr.Image(label="keyframes: source | edited jointly", show_label=False, type="numpy", elem_id="keyframes-image")
                 with gr.Tab("3. NN field"):
                     with gr.Row():
                         nn_frame = gr.Number(1, label="frame", precision=0, elem_id="nn-frame")
-                        nn_step = gr.Number(None, label="denoising step (empty: a fifth of the way in)", precision=0)
+                        nn_step = gr.Number(default_step(first.steps), label="denoising step (0: the first)", precision=0, elem_id="nn-step")
                         nn_go = gr.Button("Draw its NN field", variant="primary", elem_id="nn-go")
                     nn_msg = gr.Textbox(label="NN field", interactive=False, lines=2, elem_id="nn-status")
-                    nn_img = gr.Image(label="NN field onto the nearest keyframe", type="numpy", elem_id="nn-image")
+                    nn_img = gr.Image(label="NN field onto the nearest keyframe", show_label=False, type="numpy", elem_id="nn-image")
                 with gr.Tab("4. edit"):
                     edit_go = gr.Button("Edit the whole video", variant="primary", elem_id="edit-go")
                     edit_msg = gr.Textbox(label="edit", interactive=False, lines=2, elem_id="edit-status")
@@ -110,53 +110,60 @@ def build_page(bench: Workbench, first: Form):
                     edit_facts = gr.JSON(label="run.json", elem_id="edit-facts")
 
         fields = [upload, model, prompt, method, steps, interval, propagation, mode, seed, extra]
-        for f in fields:
-            f.change(command_of, fields, command, queue=False)
+        # one listener for every field, its last change winning (a keystroke each: never an older command last)
+        gr.on([f.change for f in fields], command_of, fields, command, trigger_mode="always_last",
+              concurrency_limit=1, concurrency_id="command", show_progress="hidden")
         model.change(model_note, model, note, queue=False)
 
-        def invert(*args, progress=gr.Progress(), request: gr.Request = None):
-            form, cfg, command = settings(args)
-            if form is None:
-                return command.message, None, gr.skip()
+        def checked(values):
+            """The run's settings, or the command line's one-line error."""
+            form, cfg, command = settings(values)
+            return (cfg, None) if form is not None else (None, command.message)
+
+        # every field a named parameter: Gradio hands the progress bar and the request to named ones only
+        def invert(upload, model, prompt, method, steps, interval, propagation, mode, seed, extra,
+                   progress=gr.Progress(), request: gr.Request = None):
+            cfg, error = checked((upload, model, prompt, method, steps, interval, propagation, mode, seed, extra))
+            if error:
+                return error, None
             r = bench.invert(cfg, reporter(progress), owner=_session(request))
-            return r.message, r.images.get("invert"), command
+            return r.message, r.images.get("invert")
 
-        def keyframes(*args, progress=gr.Progress(), request: gr.Request = None):
-            *args, step = args
-            form, cfg, command = settings(args)
-            if form is None:
-                return command.message, None, gr.skip()
+        def keyframes(upload, model, prompt, method, steps, interval, propagation, mode, seed, extra, step,
+                      progress=gr.Progress(), request: gr.Request = None):
+            cfg, error = checked((upload, model, prompt, method, steps, interval, propagation, mode, seed, extra))
+            if error:
+                return error, None
             r = bench.keyframes(cfg, step, reporter(progress), owner=_session(request))
-            return r.message, r.images.get("keyframes"), command
+            return r.message, r.images.get("keyframes")
 
-        def nn_field(*args, progress=gr.Progress(), request: gr.Request = None):
-            *args, frame, step = args
-            form, cfg, command = settings(args)
-            if form is None:
-                return command.message, None, gr.skip()
-            if frame is None:
-                return "error: choose a frame", None, command
+        def nn_field(upload, model, prompt, method, steps, interval, propagation, mode, seed, extra, frame, step,
+                     progress=gr.Progress(), request: gr.Request = None):
+            cfg, error = checked((upload, model, prompt, method, steps, interval, propagation, mode, seed, extra))
+            if error or frame is None:
+                return error or "error: choose a frame", None
             r = bench.nn_field(cfg, int(frame), step, reporter(progress), owner=_session(request))
-            return r.message, r.images.get("nn_field"), command
+            return r.message, r.images.get("nn_field")
 
-        def edit(*args, progress=gr.Progress(), request: gr.Request = None):
-            form, cfg, command = settings(args)
-            if form is None:
-                return command.message, None, None, None, gr.skip()
+        def edit(upload, model, prompt, method, steps, interval, propagation, mode, seed, extra,
+                 progress=gr.Progress(), request: gr.Request = None):
+            cfg, error = checked((upload, model, prompt, method, steps, interval, propagation, mode, seed, extra))
+            if error:
+                return error, None, None, None
             r = bench.edit(cfg, reporter(progress), owner=_session(request))
             if not r.ok:
-                return r.message, None, None, None, command
+                return r.message, None, None, None
             shown = r.files.get("side_by_side") or r.files.get("edited")
-            return r.message, shown, list(r.files.values()), r.facts, command
+            return r.message, shown, list(r.files.values()), r.facts
 
         def stop_running(request: gr.Request = None):
             return bench.request_stop(_session(request))
 
         queued = dict(concurrency_limit=1, concurrency_id=STAGE_QUEUE)
-        invert_go.click(invert, fields, [invert_msg, invert_img, command], **queued)
-        kf_go.click(keyframes, fields + [kf_step], [kf_msg, kf_img, command], **queued)
-        nn_go.click(nn_field, fields + [nn_frame, nn_step], [nn_msg, nn_img, command], **queued)
-        edit_go.click(edit, fields, [edit_msg, edit_video, edit_files, edit_facts, command], **queued)
+        invert_go.click(invert, fields, [invert_msg, invert_img], **queued)
+        kf_go.click(keyframes, fields + [kf_step], [kf_msg, kf_img], **queued)
+        nn_go.click(nn_field, fields + [nn_frame, nn_step], [nn_msg, nn_img], **queued)
+        edit_go.click(edit, fields, [edit_msg, edit_video, edit_files, edit_facts], **queued)
         stop.click(stop_running, None, stop_note, queue=False)
     page.queue(default_concurrency_limit=1)
     return page

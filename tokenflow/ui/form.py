@@ -9,9 +9,14 @@ value gets the command line's one-line error, and `Form.command()` is that comma
 from __future__ import annotations
 
 import shlex
+import threading
 from dataclasses import dataclass
 
 from ..config import ConfigError, RunConfig, load_config
+
+# Hydra composes in one global instance: the page's requests (a stage, the command box updating) run
+# in threads, so they compose one at a time
+_COMPOSING = threading.Lock()
 
 MAIN_KEYS = ("video", "model", "prompt", "method", "steps", "tokenflow.keyframe_interval", "tokenflow.propagation",
              "tokenflow.mode", "seed")
@@ -47,7 +52,7 @@ class Form:
 
     def config(self) -> RunConfig:
         """The checked settings (ConfigError: the command line's one-line message)."""
-        return load_config(self.overrides())
+        return compose(self.overrides())
 
     def command(self) -> str:
         """The equivalent shell command."""
@@ -61,11 +66,17 @@ def _whole(value, key: str) -> int:
     return int(value)
 
 
+def compose(overrides: list[str]) -> RunConfig:
+    """tokenflow.config.load_config, one thread at a time."""
+    with _COMPOSING:
+        return load_config(overrides)
+
+
 def form_from_overrides(overrides: list[str]) -> Form:
     """The page's first values: the settings of `tokenflow OVERRIDES` (the app's own command line),
     each main key in its field and every other override in the extra box."""
-    cfg = load_config(overrides)
-    main = {key for key in MAIN_KEYS}
+    cfg = compose(overrides)
+    main = set(MAIN_KEYS)
     extra = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in main]
     return Form(video=cfg.video, model=cfg.model.name, prompt=cfg.prompt, method=cfg.method.name, steps=cfg.steps,
                 keyframe_interval=cfg.tokenflow.keyframe_interval, propagation=cfg.tokenflow.propagation,
