@@ -144,4 +144,5 @@ def nn_field_image(
     frames = src.frames[[source, target]].numpy()
     result = nn_field_panels(frames[0], frames[1], chosen[0], chosen[1], grid)
     image, layout = panel_row(result.panels)
-    return NNFieldImage(image=image, layout=layout, result=result, step=step, timestep=src.timesteps[step], layer=layer, grid=grid)
+    return NNFieldImage(image=image, layout=layout, result=result, step=step, timestep=src.timesteps[step], layer=layer,
+                        grid=grid)

@@ -88,20 +88,25 @@ def build_page(bench: Workbench, first: Form):
                 with gr.Tab("1. invert"):
                     invert_go = gr.Button("Invert and reconstruct", variant="primary", elem_id="invert-go")
                     invert_msg = gr.Textbox(label="invert", interactive=False, lines=2, elem_id="invert-status")
-                    invert_img = gr.Image(label="source | its reconstruction", show_label=False, type="numpy", elem_id="invert-image")
+                    invert_img = gr.Image(label="source | its reconstruction", show_label=False, type="numpy",
+                                          elem_id="invert-image")
                 with gr.Tab("2. keyframes"):
                     with gr.Row():
-                        kf_step = gr.Number(default_step(first.steps), label="denoising step (0: the first)", precision=0, elem_id="keyframes-step")
+                        kf_step = gr.Number(default_step(first.steps), label="denoising step (0: the first)", precision=0,
+                                            elem_id="keyframes-step")
                         kf_go = gr.Button("Edit this step's keyframes", variant="primary", elem_id="keyframes-go")
                     kf_msg = gr.Textbox(label="keyframes", interactive=False, lines=2, elem_id="keyframes-status")
-                    kf_img = gr.Image(label="keyframes: source | edited jointly", show_label=False, type="numpy", elem_id="keyframes-image")
+                    kf_img = gr.Image(label="keyframes: source | edited jointly", show_label=False, type="numpy",
+                                      elem_id="keyframes-image")
                 with gr.Tab("3. NN field"):
                     with gr.Row():
                         nn_frame = gr.Number(1, label="frame", precision=0, elem_id="nn-frame")
-                        nn_step = gr.Number(default_step(first.steps), label="denoising step (0: the first)", precision=0, elem_id="nn-step")
+                        nn_step = gr.Number(default_step(first.steps), label="denoising step (0: the first)", precision=0,
+                                            elem_id="nn-step")
                         nn_go = gr.Button("Draw its NN field", variant="primary", elem_id="nn-go")
                     nn_msg = gr.Textbox(label="NN field", interactive=False, lines=2, elem_id="nn-status")
-                    nn_img = gr.Image(label="NN field onto the nearest keyframe", show_label=False, type="numpy", elem_id="nn-image")
+                    nn_img = gr.Image(label="NN field onto the nearest keyframe", show_label=False, type="numpy",
+                                      elem_id="nn-image")
                 with gr.Tab("4. edit"):
                     edit_go = gr.Button("Edit the whole video", variant="primary", elem_id="edit-go")
                     edit_msg = gr.Textbox(label="edit", interactive=False, lines=2, elem_id="edit-status")
@@ -179,7 +184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "e.g. model=tiny steps=20) fill the page's fields.")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to serve on (default {DEFAULT_HOST}: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    parser.add_argument("--out", default="outputs", help="folder of the edits' run folders and the uploaded clips (default outputs)")
+    parser.add_argument("--out", default="outputs",
+                        help="folder of the edits' run folders and the uploaded clips (default outputs)")
     parser.add_argument("overrides", nargs="*", help="key=value settings, as the tokenflow command takes them")
     return parser.parse_args(argv)
 

@@ -240,7 +240,8 @@ class Workbench:
 
         return self.run("invert", work, owner)
 
-    def keyframes(self, cfg: RunConfig, step: int | None = None, progress: Progress = lambda f, s: None, owner: str | None = None) -> StageResult:
+    def keyframes(self, cfg: RunConfig, step: int | None = None, progress: Progress = lambda f, s: None,
+                  owner: str | None = None) -> StageResult:
         def work() -> StageResult:
             settings = EditSettings.from_config(cfg)
             if settings.mode not in ("tokenflow", "fixed_keyframes"):
@@ -266,7 +267,8 @@ class Workbench:
 
         return self.run("keyframes", work, owner)
 
-    def nn_field(self, cfg: RunConfig, frame: int, step: int | None = None, progress: Progress = lambda f, s: None, owner: str | None = None) -> StageResult:
+    def nn_field(self, cfg: RunConfig, frame: int, step: int | None = None, progress: Progress = lambda f, s: None,
+                 owner: str | None = None) -> StageResult:
         def work() -> StageResult:
             # the keyframes the edit would draw (tokenflow's draw in the modes that draw none)
             drawn = cfg.tokenflow.mode if cfg.tokenflow.mode in ("tokenflow", "fixed_keyframes") else "tokenflow"
@@ -282,7 +284,8 @@ class Workbench:
             r = fig.result
             lines = [f"NN field of frame {frame} onto keyframe {source} (step {at}'s keyframes {keyframes}), "
                      f"{fig.layer} input tokens, {fig.grid[1]}x{fig.grid[0]} grid: RGB warp error {r.warp_error:.1f} "
-                     f"(not warping: {r.identity_error:.1f}), token cosine {r.recon_cosine:.3f} (same place: {r.identity_cosine:.3f})"]
+                     f"(not warping: {r.identity_error:.1f}), token cosine {r.recon_cosine:.3f} "
+                     f"(same place: {r.identity_cosine:.3f})"]
             return StageResult(_with_warnings(lines, cfg, []), images={"nn_field": fig.image})
 
         return self.run("NN field", work, owner)

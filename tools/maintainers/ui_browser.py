@@ -54,7 +54,8 @@ class AppServer:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the app ended with code {self.process.returncode}: {Path(self.log.name).read_text()[-2000:]}")
+                log = Path(self.log.name).read_text()[-2000:]
+                raise RuntimeError(f"the app ended with code {self.process.returncode}: {log}")
             try:
                 urllib.request.urlopen(self.url, timeout=2).close()
                 return
@@ -81,8 +82,8 @@ class Page:
         from selenium.webdriver.chrome.service import Service
 
         options = webdriver.ChromeOptions()
-        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", f"--window-size={width},{height}",
-                    "--autoplay-policy=no-user-gesture-required", "--hide-scrollbars"):
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                    f"--window-size={width},{height}", "--autoplay-policy=no-user-gesture-required", "--hide-scrollbars"):
             options.add_argument(arg)
         self.driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
         self.driver.get(url)
