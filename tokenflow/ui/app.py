@@ -180,7 +180,7 @@ def _session(request) -> str | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="tokenflow-ui", description="TokenFlow's staged web app. OVERRIDES (the tokenflow command's, "
+        prog="tokenflow-ui", allow_abbrev=False, description="TokenFlow's staged web app. OVERRIDES (the tokenflow command's, "
         "e.g. model=tiny steps=20) fill the page's fields.")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to serve on (default {DEFAULT_HOST}: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")

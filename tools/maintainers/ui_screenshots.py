@@ -45,7 +45,8 @@ def take(out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.maintainers.ui_screenshots", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images", help="folder of the PNGs (default docs/images)")
     args = parser.parse_args(argv)
     missing = chromium_missing()
