@@ -15,8 +15,10 @@ the progress callbacks raise KeyboardInterrupt, which the pipeline turns into it
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
+import tempfile
 import threading
 import traceback
 from contextlib import contextmanager
@@ -68,19 +70,30 @@ class StageResult:
     facts: dict | None = None  # run.json's contents (edit)
 
 
+_digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> content digest: typing re-reads nothing
+
+
 def save_upload(path: str | Path, folder: Path) -> Path:
     """A clip the page received, copied to `folder` under its content's digest: a stable path for
     the command shown (the upload's temporary one vanishes) and the inversion cache's key."""
     path = Path(path)
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"{path.name}: not a video file this app reads (use one of {', '.join(VIDEO_SUFFIXES)})")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _digests[key] = h.hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
-    kept = folder / f"{digest}{path.suffix.lower()}"
+    kept = folder / f"{_digests[key]}{path.suffix.lower()}"
     if not kept.exists():
-        tmp = kept.with_name(f".{kept.name}.partial")
+        fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=folder)
+        os.close(fd)
         shutil.copyfile(path, tmp)
-        tmp.replace(kept)  # atomic: a second request never reads half a copy
+        os.replace(tmp, kept)  # atomic: a second request never reads half a copy
     return kept
 
 
