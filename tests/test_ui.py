@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import sys
 import threading
 from dataclasses import replace
 
@@ -251,3 +252,11 @@ def test_psnr():
     a = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
     assert psnr(a, a) == math.inf
     assert psnr(a, a + 10) == pytest.approx(10 * math.log10(255**2 / 100))
+
+
+def test_without_gradio_the_app_says_which_extra_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(SystemExit) as e:
+        app_main(["model=tiny"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == 'error: the web app needs Gradio: pip install "tokenflow-from-scratch[ui]"'
