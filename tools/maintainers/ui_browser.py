@@ -82,6 +82,7 @@ class Page:
         from selenium.webdriver.chrome.service import Service
 
         options = webdriver.ChromeOptions()
+        options.binary_location = shutil.which("chromium")  # the system's: Selenium looks for no other browser
         for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                     f"--window-size={width},{height}", "--autoplay-policy=no-user-gesture-required", "--hide-scrollbars"):
             options.add_argument(arg)
