@@ -203,10 +203,26 @@ def test_stop_during_the_inversion_keeps_the_finished_frames(bench, tmp_path):
             bench.request_stop()
 
     r = bench.invert(cfg, progress)
-    assert not r.ok and r.message.startswith("stopped during invert")
+    assert not r.ok and r.message == ("stopped during the inversion; the frames it finished are in the inversion cache, "
+                                      "and the next stage resumes from them; nothing else was written")
     assert bench.source is None
     reused = bench.edit(cfg).facts["inversion_frames_reused"]
     assert 0 < reused < FRAMES
+
+
+def test_stop_during_the_keyframes_loop_ends_it_at_that_step_and_keeps_the_inversion(bench, tmp_path):
+    cfg = config(tmp_path)
+    assert bench.invert(cfg).ok
+    src, steps = bench.source, []
+
+    def progress(fraction, what):
+        steps.append(what)
+        bench.request_stop()
+
+    r = bench.keyframes(cfg, step=1, progress=progress)
+    assert not r.ok and r.message == "stopped during keyframes; nothing was written"
+    assert steps == ["keyframes: step 1/3"]  # the loop's first step was its last
+    assert bench.source is src and bench.keyframes(cfg, step=1).ok
 
 
 def test_one_stage_runs_at_a_time_and_only_its_owner_stops_it(bench, tmp_path):

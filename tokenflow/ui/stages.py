@@ -59,6 +59,17 @@ USER_ERRORS = (ConfigError, ModelNotAvailable, FileNotFoundError, ValueError, Fl
 class StopRequested(KeyboardInterrupt):
     """The page's stop button, raised where the stage next reports progress (as Ctrl-C would be)."""
 
+    def __init__(self, phase: str):
+        if phase == "the inversion":
+            kept = ("the frames it finished are in the inversion cache, and the next stage resumes from them; "
+                    "nothing else was written")
+        else:
+            kept = "nothing was written"
+        super().__init__(f"stopped during {phase}; {kept}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
 
 @dataclass
 class StageResult:
@@ -102,7 +113,9 @@ def source_key(cfg: RunConfig) -> tuple:
     sampling steps (their timesteps are kept) and the inversion; not the edit's own settings."""
     keep = ("video", "frames", "size", "inversion_prompt", "steps", "model", "inversion", "device", "dtype")
     d = cfg.to_dict()
-    return tuple(repr(d[k]) for k in keep) + (cfg.tokenflow.ff_chunk,)
+    video = Path(cfg.video)
+    changed = (video.stat().st_size, video.stat().st_mtime_ns) if video.is_file() else None  # a file rewritten in place
+    return tuple(repr(d[k]) for k in keep) + (cfg.tokenflow.ff_chunk, changed)
 
 
 def evenly_spaced(n: int, count: int) -> list[int]:
@@ -139,6 +152,7 @@ class Workbench:
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.running: str | None = None  # the stage that holds the lock
+        self.phase = ""  # what it is doing: a stop message names it
         self.owner: str | None = None  # who asked for it (the page's session)
         self.models_key, self.models = None, None
         self.source_key, self.source = None, None
@@ -147,7 +161,7 @@ class Workbench:
 
     def check_stop(self) -> None:
         if self.stop_event.is_set():
-            raise StopRequested()
+            raise StopRequested(self.phase)
 
     def request_stop(self, owner: str | None = None) -> str:
         """Stop the running stage if `owner` started it (None: whoever did)."""
@@ -186,8 +200,10 @@ class Workbench:
                 self.check_stop()
 
             progress(None, "reading the clip, loading the model")
+            self.phase = "the inversion"
             src = prepare_source(cfg, models=models, on_progress=on_progress)
             self.source_key, self.source = key, src
+        self.phase = self.running or ""
         src = self.source
         src.cfg = cfg
         src.prompts, src.warnings = embed_prompts(src.models, cfg, src.device)
@@ -197,7 +213,7 @@ class Workbench:
     def stage(self, name: str, owner: str | None = None):
         """Hold the one-stage lock while `name` runs (waiting for the stage before it to end)."""
         with self.lock:
-            self.running, self.owner = name, owner
+            self.running, self.owner, self.phase = name, owner, name
             self.stop_event.clear()
             try:
                 yield
@@ -210,11 +226,10 @@ class Workbench:
         with self.stage(name, owner):
             try:
                 return work()
-            except RunInterrupted as e:
+            except (RunInterrupted, StopRequested) as e:  # the pipeline's Ctrl-C message, or the stop outside it
                 return StageResult(str(e), ok=False)
             except KeyboardInterrupt:
-                return StageResult(f"stopped during {name}; nothing of it was written "
-                                   "(the inversion keeps the frames it finished in its cache)", ok=False)
+                return StageResult(f"interrupted during {self.phase}; nothing was written", ok=False)
             except USER_ERRORS as e:
                 return StageResult(f"error: {e}", ok=False)
             except RuntimeError as e:
