@@ -5,20 +5,19 @@
 
 Every stage goes through one queue of one (Gradio's: a second visitor's request waits, and the page
 shows its place); the work is stages.Workbench's, which calls the same functions as the command line.
+No `from __future__ import annotations` here: Gradio reads the handlers' annotations (gr.Request) at run time.
 """
-
 
 import argparse
 import sys
 from pathlib import Path
 
-from ..config import ConfigError, MODES, RULES
-from ..config import METHODS
+from ..config import METHODS, MODES, RULES, ConfigError
+from ..figures.tokens import default_step
 from ..models.presets import PRESETS
 from ..pipeline import RANDOM_WEIGHTS_WARNING
-from ..figures.tokens import default_step
 from .form import Form, form_from_overrides
-from .stages import VIDEO_SUFFIXES, StageResult, Workbench, save_upload
+from .stages import VIDEO_SUFFIXES, Workbench, save_upload
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 STAGE_QUEUE = "stage"  # every stage's event shares this queue of one
@@ -45,22 +44,21 @@ def build_page(bench: Workbench, first: Form):
         return Form(video=video, model=model, prompt=prompt, method=method, steps=steps, keyframe_interval=interval,
                     propagation=propagation, mode=mode, seed=seed, extra=extra)
 
-    def settings(args):
-        """(form, cfg, command) or an error StageResult: bad settings get the command line's line."""
+    def checked(values):
+        """(the run's settings, its command), or (None, the command line's one-line error)."""
         try:
-            form = form_of(*args)
-            return form, form.config(), form.command()
+            form = form_of(*values)
+            return form.config(), form.command()
         except (ConfigError, ValueError, FileNotFoundError) as e:
-            return None, None, StageResult(f"error: {e}", ok=False)
+            return None, f"error: {e}"
 
     def reporter(progress):
         def report(fraction, what):
             progress(fraction, desc=what)
         return report
 
-    def command_of(*args):
-        form, _, command = settings(args)
-        return command.message if form is None else command
+    def command_of(*values):
+        return checked(values)[1]
 
     with gr.Blocks(title="TokenFlow") as page:
         gr.Markdown(INTRO)
@@ -120,41 +118,36 @@ def build_page(bench: Workbench, first: Form):
               concurrency_limit=1, concurrency_id="command", show_progress="hidden")
         model.change(model_note, model, note, queue=False)
 
-        def checked(values):
-            """The run's settings, or the command line's one-line error."""
-            form, cfg, command = settings(values)
-            return (cfg, None) if form is not None else (None, command.message)
-
         # every field a named parameter: Gradio hands the progress bar and the request to named ones only
         def invert(upload, model, prompt, method, steps, interval, propagation, mode, seed, extra,
                    progress=gr.Progress(), request: gr.Request = None):
-            cfg, error = checked((upload, model, prompt, method, steps, interval, propagation, mode, seed, extra))
-            if error:
-                return error, None
+            cfg, said = checked((upload, model, prompt, method, steps, interval, propagation, mode, seed, extra))
+            if cfg is None:
+                return said, None
             r = bench.invert(cfg, reporter(progress), owner=_session(request))
             return r.message, r.images.get("invert")
 
         def keyframes(upload, model, prompt, method, steps, interval, propagation, mode, seed, extra, step,
                       progress=gr.Progress(), request: gr.Request = None):
-            cfg, error = checked((upload, model, prompt, method, steps, interval, propagation, mode, seed, extra))
-            if error:
-                return error, None
+            cfg, said = checked((upload, model, prompt, method, steps, interval, propagation, mode, seed, extra))
+            if cfg is None:
+                return said, None
             r = bench.keyframes(cfg, step, reporter(progress), owner=_session(request))
             return r.message, r.images.get("keyframes")
 
         def nn_field(upload, model, prompt, method, steps, interval, propagation, mode, seed, extra, frame, step,
                      progress=gr.Progress(), request: gr.Request = None):
-            cfg, error = checked((upload, model, prompt, method, steps, interval, propagation, mode, seed, extra))
-            if error or frame is None:
-                return error or "error: choose a frame", None
+            cfg, said = checked((upload, model, prompt, method, steps, interval, propagation, mode, seed, extra))
+            if cfg is None or frame is None:
+                return said if cfg is None else "error: choose a frame", None
             r = bench.nn_field(cfg, int(frame), step, reporter(progress), owner=_session(request))
             return r.message, r.images.get("nn_field")
 
         def edit(upload, model, prompt, method, steps, interval, propagation, mode, seed, extra,
                  progress=gr.Progress(), request: gr.Request = None):
-            cfg, error = checked((upload, model, prompt, method, steps, interval, propagation, mode, seed, extra))
-            if error:
-                return error, None, None, None
+            cfg, said = checked((upload, model, prompt, method, steps, interval, propagation, mode, seed, extra))
+            if cfg is None:
+                return said, None, None, None
             r = bench.edit(cfg, reporter(progress), owner=_session(request))
             if not r.ok:
                 return r.message, None, None, None
@@ -180,8 +173,9 @@ def _session(request) -> str | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="tokenflow-ui", allow_abbrev=False, description="TokenFlow's staged web app. OVERRIDES (the tokenflow command's, "
-        "e.g. model=tiny steps=20) fill the page's fields.")
+        prog="tokenflow-ui", allow_abbrev=False,
+        description="TokenFlow's staged web app. OVERRIDES (the tokenflow command's, e.g. model=tiny steps=20) "
+                    "fill the page's fields.")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to serve on (default {DEFAULT_HOST}: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--out", default="outputs",
