@@ -192,6 +192,7 @@ def test_ctrl_c_during_inversion_prints_one_line_and_leaves_nothing(tmp_path):
     cached = len(list(cache_dir.glob("frame_*.safetensors")))
     assert 1 <= cached < 16
     assert f"of {cached}/16 frames are cached in {cache_dir}: the same command resumes with the other {16 - cached}" in last
+    assert last.count("no outputs were written") == 1, last
     assert not run_dir.exists()  # no partial outputs, and not Hydra's folder either
 
 
@@ -222,3 +223,20 @@ def test_ctrl_c_after_the_inversion_names_the_stage_and_the_whole_cache(tmp_path
                                       f"frames are cached in {tmp_path / 'cache'}")
     assert str(stop.value).endswith("the same command reuses them")
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_ctrl_c_before_any_frame_is_cached_says_nothing_is_cached():
+    line = str(RunInterrupted("inversion", "/cache/abc", 0, 16))
+    assert line == "interrupted during inversion; no outputs were written; no inverted latents are cached yet: the same command starts over"
+    assert "0/16" not in line
+
+
+def test_unreadable_video_is_one_line_naming_the_file_without_ffmpegs_errno(tmp_path):
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("not a video")
+    res = tokenflow(f"video={bad}", "model=tiny", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == cli.ERROR_EXIT
+    # one line: no random-weights warning before it (the run never got past its input), no FFmpeg errno
+    assert res.stderr.strip().splitlines() == [
+        f"error: {bad}: not a video FFmpeg can read (invalid data found when processing input) (no outputs were written)"]
+    assert not (tmp_path / "run").exists()

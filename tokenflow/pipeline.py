@@ -88,8 +88,6 @@ def run_edit(cfg: RunConfig, out_dir: Path | str) -> RunFacts | None:
         cfg = replace(cfg, progress=cfg.progress and ranks.is_root)
     run = RunStages(device)
     warnings = [w for w in [random_weights_warning(cfg)] if w]
-    for w in warnings:  # said now, and again at the end with the run's other warnings
-        say(f"warning: {w}")
     try:
         return _run_stages(cfg, out_dir, settings, device, dtype, ranks, run, warnings)
     finally:
@@ -103,8 +101,8 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
     # 1. read: the selected frames, fitted to the run's size (uint8 [n, H, W, 3])
     with run.stage("read_video"):
         video = load_video(cfg)
-    for line in video.notes + [f"warning: {w}" for w in video.warnings]:
-        say(line)
+    for line in video.notes + [f"warning: {w}" for w in video.warnings + warnings]:
+        say(line)  # once the input reads (a run refused for its input says that only), and the warnings again at the end
     n = video.num_frames
     shard = None if ranks is None else ranks.shard(n)  # torchrun: this process's share of the frames
     own = list(range(n)) if shard is None else shard.frames
