@@ -205,6 +205,8 @@ def test_random_weights_are_said_on_the_console_and_in_run_facts(tmp_path):
     assert f"warning: {pipeline.RANDOM_WEIGHTS_WARNING}" in res.stderr and res.stderr.count(pipeline.RANDOM_WEIGHTS_WARNING) == 2
     run = json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))
     assert run["warnings"] == [pipeline.RANDOM_WEIGHTS_WARNING] and run["prompt"] == "a wolf, in marble — l'été 🐺"
+    assert "ranks" not in run  # one process: no torchrun ranks to list
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "edited.mp4", "run.json", "side_by_side.mp4"]  # no cli.log
     assert "at 10 fps" in res.stdout
 
 
