@@ -17,10 +17,12 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from sampler.ddim import inversion_timesteps
 
 from .config import RunConfig
-from .device import pick_device, pick_dtype
+from .device import cpu_threads, pick_device, pick_dtype
 from .distributed import Ranks, rank_facts, remove_own_run_dir
 from .edit import EditSettings, edit_video_latents
 from .inputs import load_video
@@ -76,7 +78,11 @@ def run_edit(cfg: RunConfig, out_dir: Path | str) -> RunFacts | None:
     """One edit of cfg's video into `out_dir`: config.yaml, edited.mp4, side_by_side.mp4 (unless
     output.side_by_side=false), frames/ (output.png_frames=true) and run.json, all or none of them.
     Returns the run's facts (None on a torchrun rank other than 0, which writes nothing)."""
-    out_dir = Path(out_dir)
+    with cpu_threads(cfg.threads):  # before any heavy work: threads= holds for every stage
+        return _run_edit(cfg, Path(out_dir))
+
+
+def _run_edit(cfg: RunConfig, out_dir: Path) -> RunFacts | None:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     settings = None if cfg.tokenflow.mode == "reconstruction" else EditSettings.from_config(cfg)
@@ -144,7 +150,7 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
         mode=cfg.tokenflow.mode, method=cfg.method.name, prompt=cfg.prompt, device=device,
         dtype=str(dtype).replace("torch.", ""), inversion_cache=None if run.cache is None else str(run.cache.dir),
         inversion_frames_reused=reused, warnings=warnings + video.warnings + ([lost_sound] if lost_sound else []),
-        source=asdict(video.source), unet_frame_forwards=forwards, started=run.watch.started,
+        source=asdict(video.source), unet_frame_forwards=forwards, started=run.watch.started, threads=torch.get_num_threads(),
         keyframes_per_step=[] if record is None else record.keyframes, timesteps=[] if record is None else record.timesteps,
     )
     if shard is not None:  # torchrun: every rank's decoded frames to rank 0, which writes; the others are done
