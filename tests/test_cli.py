@@ -242,3 +242,18 @@ def test_unreadable_video_is_one_line_naming_the_file_without_ffmpegs_errno(tmp_
     assert res.stderr.strip().splitlines() == [
         f"error: {bad}: not a video FFmpeg can read (invalid data found when processing input) (no outputs were written)"]
     assert not (tmp_path / "run").exists()
+
+
+def test_help_starts_with_how_to_use_the_command(tmp_path):
+    res = tokenflow("--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    usage, hydras = res.stdout.split("== Configuration groups ==", 1)
+    assert usage.startswith("usage: tokenflow [KEY=VALUE ...]") and "is powered by Hydra" not in res.stdout
+    for said in ("video=PATH", "a folder of images", "prompt=TEXT", "prompt_file=FILE", "method=NAME", "experiment=NAME",
+                 "model.source=PATH", "outputs/DATE/TIME/", "hydra.run.dir=", "docs/settings.md"):
+        assert said in usage, said
+    from tokenflow.models.presets import PRESETS
+
+    assert all(name in usage for name in PRESETS), sorted(PRESETS)  # every model the command knows is named
+    assert "prompt: a colorful watercolor painting" in hydras  # Hydra's own help (groups, the config) follows
+    assert not list(tmp_path.iterdir())  # --help writes nothing
