@@ -693,8 +693,9 @@ def test_bad_output_settings_fail_before_the_models_load(clip, tmp_path, monkeyp
 
 def test_progress_false_prints_no_bar(runs):
     quiet, bars = runs(*BASE).stderr, runs("device=cpu", "progress=true").stderr
-    for bar in ("inversion", "editing (tokenflow, pnp)"):
+    for bar in ("inversion, 3 frames x 3 steps", "editing (tokenflow, pnp), 3 frames x 2 steps"):
         assert bar + ":" in bars and bar + ":" not in quiet
+    assert "frame-step/s" in bars and "frame/s" not in bars  # the unit is what is counted: one frame through one step
     assert "reusing cached inversion" in quiet or "inverted latents cached" in quiet  # the lines that are not bars stay
 
 

@@ -181,7 +181,7 @@ def _invert(cfg: RunConfig, video, models, clean, prompts, timesteps: list[int],
     cache = run.cache = cache if shard is None or cache is None else shard.cache_view(cache)  # numbered as the whole clip's
     n = clean.shape[0]
     grid = inversion_timesteps(models.config.schedule, cfg.inversion.steps, timesteps)  # the path each frame climbs
-    bar = FrameStepBar("inversion", n * len(grid), cfg.progress)
+    bar = FrameStepBar("inversion", n * len(grid), cfg.progress, frames=n)
     reused = 0
 
     def on_reuse(k: int) -> None:
@@ -204,7 +204,7 @@ def _invert(cfg: RunConfig, video, models, clean, prompts, timesteps: list[int],
 def _edit(cfg: RunConfig, models, settings: EditSettings, prompts, source_latents, clean, timesteps: list[int], shard):
     """Alg. 1 with a progress bar -> (edited latents of this process's frames, the loop's record, UNet frame-forwards)."""
     frames = clean.shape[0]
-    bar = FrameStepBar(f"editing ({settings.mode}, {settings.method})", frames * len(timesteps), cfg.progress)
+    bar = FrameStepBar(f"editing ({settings.mode}, {settings.method})", frames * len(timesteps), cfg.progress, frames=frames)
     watch = ProgressWatch(bar, frames, shard=shard)
     if shard is not None:  # the loop indexes clip-sized tensors: this rank's rows filled, keyframe rows exchanged
         source_latents, clean = shard.full_source(source_latents), shard.full(clean)
