@@ -135,6 +135,23 @@ def test_warp_error_needs_run_or_source_and_edited(tmp_path):
     assert res.returncode == 2 and "no config.yaml" in res.stderr
 
 
+def test_a_runs_config_is_read_back_literally_by_the_tools(tmp_path, capsys):
+    """A prompt that looks like an OmegaConf interpolation is text: the run edits with it, and the
+    tools that read the run's config.yaml get the same text back instead of failing to resolve it."""
+    from tokenflow.config import load_config, read_run_config
+    from tokenflow.pipeline import run_edit
+    from tools import table1
+
+    prompt = "a ${oops} wolf, ${hydra:runtime.cwd} and $5"
+    cfg = load_config(["model=tiny", "size=64", "steps=1", "inversion.steps=2", "frames.max=2", "progress=false",
+                       f"inversion.cache_dir={tmp_path / 'cache'}", f"prompt={prompt}"])
+    run_edit(cfg, tmp_path / "run")
+    assert read_run_config(tmp_path / "run") == cfg and read_run_config(tmp_path / "run" / "config.yaml").prompt == prompt
+    assert table1.read_run_config(tmp_path / "run").prompt == prompt
+    assert warp_error.main(["--run", str(tmp_path / "run")]) == 0
+    assert "mean warp error" in capsys.readouterr().out
+
+
 def moving_square(n=6, h=96, w=160, step=3):
     frames = np.full((n, h, w, 3), 40, np.uint8)
     yy, xx = np.mgrid[0:h, 0:w]

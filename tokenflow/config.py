@@ -292,3 +292,16 @@ def load_config(overrides: list[str] = ()) -> RunConfig:
     from .overrides import prepare
 
     return compose(prepare(list(overrides)))
+
+
+def read_run_config(path) -> RunConfig:
+    """A run's config.yaml (a file, or the run folder holding it) -> the checked RunConfig it ran
+    with. Values are read literally: a prompt holding `${...}` is text, as the run took it, not an
+    interpolation to resolve."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    path = path / "config.yaml" if path.is_dir() else path
+    return RunConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=False))

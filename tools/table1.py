@@ -540,10 +540,10 @@ def job_method(cfg: RunConfig) -> str:
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
-    """The settings a finished run ran with (its config.yaml, written with its outputs)."""
-    from omegaconf import OmegaConf
+    """The settings a finished run ran with (its config.yaml, written with its outputs), read literally."""
+    from tokenflow.config import read_run_config as read
 
-    return RunConfig.from_dict(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
+    return read(run_dir / "config.yaml")
 
 
 def collect(multirun: Path | str, out_dir: Path | str, *, clip_model: str | None = None, flow: str = "dis",

@@ -220,9 +220,7 @@ def run_frames(run_dir: Path, max_frames: int | None) -> tuple[np.ndarray, np.nd
     edit it wrote (frames/ when output.png_frames=true, lossless; else edited.mp4)."""
     import json
 
-    from omegaconf import OmegaConf
-
-    from tokenflow.config import RunConfig
+    from tokenflow.config import read_run_config
     from tokenflow.inputs import load_video
     from tokenflow.media import read_video
     from tokenflow.models.presets import RANDOM
@@ -232,7 +230,7 @@ def run_frames(run_dir: Path, max_frames: int | None) -> tuple[np.ndarray, np.nd
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir}: no {name} here; --run takes the folder of a finished tokenflow run "
                                     f"(outputs/DATE/TIME, with config.yaml, edited.mp4 and run.json)")
-    cfg = RunConfig.from_dict(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
+    cfg = read_run_config(run_dir / "config.yaml")
     facts = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     video = load_video(cfg)
     if list(video.indices) != facts["source_indices"] or [video.height, video.width] != facts["size"]:
