@@ -257,3 +257,14 @@ def test_help_starts_with_how_to_use_the_command(tmp_path):
     assert all(name in usage for name in PRESETS), sorted(PRESETS)  # every model the command knows is named
     assert "prompt: a colorful watercolor painting" in hydras  # Hydra's own help (groups, the config) follows
     assert not list(tmp_path.iterdir())  # --help writes nothing
+
+
+def test_console_and_run_facts_give_the_size_the_same_way(tmp_path):
+    """One convention, [H, W]: as size= takes it, as run.json holds it, as the console prints it."""
+    clip = make_sample_clip(tmp_path / "clip.mp4", frames=2, size=128, fps=10)
+    res = tokenflow(f"video={clip}", "model=tiny", "size=[64,128]", "steps=1", "inversion.steps=2", "progress=false",
+                    f"inversion.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["size"] == [64, 128]
+    assert "2 frames, size [64, 128] (H, W), at 10 fps" in res.stdout
+    assert "centre-cropped [128, 128] -> [64, 128]" in res.stderr

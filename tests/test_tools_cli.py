@@ -168,11 +168,11 @@ def test_warp_error_measures_a_smaller_edit_against_the_source_fitted_to_it(tmp_
     from tokenflow.media import fit_to_size, read_video
 
     source = write_video(tmp_path / "source.mp4", torch.from_numpy(moving_square()), 10)
-    small = fit_to_size(read_video(source), 64)  # what a size=64 run reads: 64x106 -> cropped to 64x64
+    small = fit_to_size(read_video(source), 64)  # what a size=64 run reads: [96, 160] -> [64, 106] -> cropped to [64, 64]
     edit = write_video(tmp_path / "edit.mp4", small.frames, 10)
     assert warp_error.main(["--source", str(source), "--edited", str(edit)]) == 0
     out = capsys.readouterr().out
-    assert "note: the source is 160x96 and the edit 64x64" in out
+    assert "note: the source is [96, 160] and the edit [64, 64] ([H, W])" in out
     direct = warp_error.warp_error(small.frames.numpy(), read_video(edit).frames.numpy()).mean
     assert f"mean warp error: {direct:.3f}" in out
 

@@ -79,7 +79,7 @@ def _run(hydra_cfg) -> None:
         sys.exit(ERROR_EXIT)
     if facts is None:  # a torchrun rank other than 0: rank 0 writes and reports
         return
-    print(f"[tokenflow] {facts.frames} frames {facts.size[1]}x{facts.size[0]} at {facts.fps:g} fps; "
+    print(f"[tokenflow] {facts.frames} frames, size {facts.size} (H, W), at {facts.fps:g} fps; "
           f"seconds per frame: {facts.seconds_per_frame}")
     for name, path in facts.outputs.items():
         print(f"[tokenflow] wrote {name}: {path}")

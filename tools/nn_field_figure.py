@@ -150,6 +150,6 @@ def nn_field_figure(
     result = nn_field_panels(frames[0], frames[1], chosen[0], chosen[1], grid)
     image, layout = panel_row(result.panels)
     path = write_png(out, image)
-    print(f"[figures] NN field of {layer} ({tokens} tokens, {grid[1]}x{grid[0]} grid) at step {step}, "
+    print(f"[figures] NN field of {layer} ({tokens} tokens, a {list(grid)} (H, W) grid) at step {step}, "
           f"frame {source_frame} -> {target_frame}", file=sys.stderr)
     return NNFieldFigure(path=path, layout=layout, result=result, step=step, timestep=src.timesteps[step], layer=layer)

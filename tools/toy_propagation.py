@@ -303,7 +303,7 @@ def write_outputs(out: Path, result: ToyResult, videos: dict[str, Tensor], figur
 
 
 def report(result: ToyResult) -> str:
-    lines = [f"{result.video}: {result.frames} frames at {result.size[1]}x{result.size[0]}, {result.stride} px tokens, "
+    lines = [f"{result.video}: {result.frames} frames at {list(result.size)} (H, W), {result.stride} px tokens, "
              f"keyframes {result.keyframes} (interval {result.interval}, step {result.step}), weighting {result.weighting}",
              f"NN field of frame {result.figure_frame} within one token of the optical flow: {100 * result.flow_agreement:.0f}% of tokens"]
     for name, value in result.warp_error.items():

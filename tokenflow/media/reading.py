@@ -21,7 +21,7 @@ import torch
 from . import orientation, pixels
 from .audio import AudioUnreadable, read_audio_span
 from .frames import SourceInfo, Video, as_fraction, fmt_fps
-from .size import plan_fit
+from .size import hw, plan_fit
 from .timing import probe_clock
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -145,7 +145,7 @@ class _FrameSink:
             self._first = (index, image.shape[:2])
         elif image.shape[:2] != self._first[1]:
             (i0, (h0, w0)), (h, w) = self._first, image.shape[:2]
-            raise ValueError(f"{self.path}: frame {index} is {w}x{h}, frame {i0} is {w0}x{h0}")
+            raise ValueError(f"{self.path}: frame {index} is {hw(h, w)}, frame {i0} is {hw(h0, w0)} (sizes [H, W])")
         image = orientation.upright(image, self.rotation)
         frame = torch.from_numpy(image)[None]  # [1, H, W, 3]
         if self.size != KEEP:
