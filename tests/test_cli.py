@@ -229,7 +229,8 @@ def test_ctrl_c_after_the_inversion_names_the_stage_and_the_whole_cache(tmp_path
 
 def test_ctrl_c_before_any_frame_is_cached_says_nothing_is_cached():
     line = str(RunInterrupted("inversion", "/cache/abc", 0, 16))
-    assert line == "interrupted during inversion; no outputs were written; no inverted latents are cached yet: the same command starts over"
+    assert line == ("interrupted during inversion; no outputs were written; no frame's inversion was finished yet "
+                    "(cache /cache/abc): the same command starts over")
     assert "0/16" not in line
 
 

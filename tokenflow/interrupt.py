@@ -8,8 +8,10 @@ class RunInterrupted(KeyboardInterrupt):
 
     def __init__(self, stage: str, cache_dir: str | None, cached: int, frames: int):
         self.stage, self.cache_dir, self.cached, self.frames = stage, cache_dir, cached, frames
-        if cache_dir is None or cached == 0:
-            kept = "no inverted latents are cached yet: the same command starts over"
+        if cache_dir is None:
+            kept = "nothing is cached: the same command starts over"
+        elif cached == 0:
+            kept = f"no frame's inversion was finished yet (cache {cache_dir}): the same command starts over"
         elif cached < frames:
             kept = (f"the inverted latents of {cached}/{frames} frames are cached in {cache_dir}: "
                     f"the same command resumes with the other {frames - cached}")
