@@ -192,6 +192,7 @@ def test_ctrl_c_during_inversion_prints_one_line_and_leaves_nothing(tmp_path):
     cached = len(list(cache_dir.glob("frame_*.safetensors")))
     assert 1 <= cached < 16
     assert f"of {cached}/16 frames are cached in {cache_dir}: the same command resumes with the other {16 - cached}" in last
+    assert last.count("no outputs were written") == 1, last
     assert not run_dir.exists()  # no partial outputs, and not Hydra's folder either
 
 
@@ -204,6 +205,8 @@ def test_random_weights_are_said_on_the_console_and_in_run_facts(tmp_path):
     assert f"warning: {pipeline.RANDOM_WEIGHTS_WARNING}" in res.stderr and res.stderr.count(pipeline.RANDOM_WEIGHTS_WARNING) == 2
     run = json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))
     assert run["warnings"] == [pipeline.RANDOM_WEIGHTS_WARNING] and run["prompt"] == "a wolf, in marble — l'été 🐺"
+    assert "ranks" not in run  # one process: no torchrun ranks to list
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "edited.mp4", "run.json", "side_by_side.mp4"]  # no cli.log
     assert "at 10 fps" in res.stdout
 
 
@@ -222,3 +225,47 @@ def test_ctrl_c_after_the_inversion_names_the_stage_and_the_whole_cache(tmp_path
                                       f"frames are cached in {tmp_path / 'cache'}")
     assert str(stop.value).endswith("the same command reuses them")
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_ctrl_c_before_any_frame_is_cached_says_nothing_is_cached():
+    line = str(RunInterrupted("inversion", "/cache/abc", 0, 16))
+    assert line == ("interrupted during inversion; no outputs were written; no frame's inversion was finished yet "
+                    "(cache /cache/abc): the same command starts over")
+    assert "0/16" not in line
+
+
+def test_unreadable_video_is_one_line_naming_the_file_without_ffmpegs_errno(tmp_path):
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("not a video")
+    res = tokenflow(f"video={bad}", "model=tiny", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == cli.ERROR_EXIT
+    # one line: no random-weights warning before it (the run never got past its input), no FFmpeg errno
+    assert res.stderr.strip().splitlines() == [
+        f"error: {bad}: not a video FFmpeg can read (invalid data found when processing input) (no outputs were written)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_starts_with_how_to_use_the_command(tmp_path):
+    res = tokenflow("--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    usage, hydras = res.stdout.split("== Configuration groups ==", 1)
+    assert usage.startswith("usage: tokenflow [KEY=VALUE ...]") and "is powered by Hydra" not in res.stdout
+    for said in ("video=PATH", "a folder of images", "prompt=TEXT", "prompt_file=FILE", "method=NAME", "experiment=NAME",
+                 "model.source=PATH", "outputs/DATE/TIME/", "hydra.run.dir=", "docs/settings.md"):
+        assert said in usage, said
+    from tokenflow.models.presets import PRESETS
+
+    assert all(name in usage for name in PRESETS), sorted(PRESETS)  # every model the command knows is named
+    assert "prompt: a colorful watercolor painting" in hydras  # Hydra's own help (groups, the config) follows
+    assert not list(tmp_path.iterdir())  # --help writes nothing
+
+
+def test_console_and_run_facts_give_the_size_the_same_way(tmp_path):
+    """One convention, [H, W]: as size= takes it, as run.json holds it, as the console prints it."""
+    clip = make_sample_clip(tmp_path / "clip.mp4", frames=2, size=128, fps=10)
+    res = tokenflow(f"video={clip}", "model=tiny", "size=[64,128]", "steps=1", "inversion.steps=2", "progress=false",
+                    f"inversion.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["size"] == [64, 128]
+    assert "2 frames, size [64, 128] (H, W), at 10 fps" in res.stdout
+    assert "centre-cropped [128, 128] -> [64, 128]" in res.stderr

@@ -214,10 +214,13 @@ def test_unavailable_hub_id_says_what_to_provide(capsys):
     assert capsys.readouterr().out.startswith("CLIP score skipped: ")
 
 
-def test_cli_skips_with_exit_code_0_when_unavailable(tmp_path, capsys):
+def test_cli_fails_naming_clip_model_when_unavailable(tmp_path, capsys):
     write_png_frames(tmp_path / "edit", random_frames(n=2, h=32, w=32))
-    assert main(["--video", str(tmp_path / "edit"), "--prompt", "a wolf", "--clip-model", "someone/not-cached-clip"]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("CLIP score skipped: ")
+    assert main(["--video", str(tmp_path / "edit"), "--prompt", "a wolf", "--clip-model", "someone/not-cached-clip"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: no CLIP score: CLIP weights 'someone/not-cached-clip' are not available")
+    assert err.strip().endswith("Pass that folder with --clip-model PATH.")
 
 
 def test_missing_or_incomplete_local_folder(reference, tmp_path):

@@ -117,5 +117,5 @@ def test_hub_id_not_in_the_cache_names_id_cache_and_local_paths(hub_cache, fp16_
         load_models("tiny-org/not-cached", variant="fp16")
     text = str(err.value)
     assert "'tiny-org/not-cached'" in text and f"cache {hub_cache}" in text
-    assert "pass a local path: a diffusers folder or an ldm file" in text
+    assert "give a local copy as model.source=PATH (--model PATH in the tools): a diffusers folder or an ldm file" in text
     assert "hf download tiny-org/not-cached --include model_index.json" in text

@@ -1,6 +1,9 @@
 """tools.memory_estimate: the live-bytes counter against hand-counted allocations, attention counted
 as a fused kernel, and the estimate of a TokenFlow step against the recorded tensors' own sizes."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,3 +124,17 @@ def test_every_real_model_preset_can_be_estimated():
 
     a, b = estimate(8, size=256, model="sd15"), estimate(8, size=256, model="sd21_base")
     assert 0 < a.total_gib and a.weights_gib < b.weights_gib  # SD-1.5: 859.5M UNet + 123M text vs 865.9M + 340M
+
+
+def test_readme_and_docs_quote_the_tools_figure_for_a_40_frame_edit():
+    """One figure for the device memory of the default 40-frame edit, the tool's, wherever it is quoted."""
+    repo = Path(__file__).resolve().parents[1]
+    total = estimate(40, 512, "float16", "tokenflow", 8, 8, 8, 16384).total_gib
+    table = (repo / "docs" / "memory.md").read_text()
+    assert re.search(rf"^\| 40 \| 5 \| .* \| {total:.2f} \|$", table, re.M), "docs/memory.md's table is not the tool's"
+    quoted = {}
+    for page in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
+        if page.name != "memory.md":  # its table and batch-size variants are checked above
+            for figure in re.findall(r"40 frames[^.;]*?(\d+(?:\.\d+)?) GiB", page.read_text()):
+                quoted.setdefault(figure, []).append(page.name)
+    assert "README.md" in quoted.get(f"{total:.1f}", []) and set(quoted) == {f"{total:.1f}"}, quoted

@@ -15,6 +15,7 @@ import ast
 import contextlib
 import dataclasses
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -49,6 +50,7 @@ KEY_TESTS: dict[str, tuple[str, ...]] = {
     "frames.end": (here("test_frame_selection_reaches_the_reader"),),
     "frames.stride": (here("test_frame_selection_reaches_the_reader"), "tests/test_media_audio.py::test_aac_span_is_copied_in_sync_into_both_videos"),
     "frames.max": (here("test_frame_selection_reaches_the_reader"),),
+    "frames.folder_fps": (here("test_folder_fps_is_an_image_folders_rate_and_said"),),
     "size": (here("test_size_and_native_size_reach_the_reader"), "tests/test_cli.py::test_size_defaults_to_the_models_native_short_side"),
     "prompt": (here("test_each_prompt_conditions_its_own_branch"),),
     "negative_prompt": (here("test_each_prompt_conditions_its_own_branch"),),
@@ -94,6 +96,7 @@ KEY_TESTS: dict[str, tuple[str, ...]] = {
     "device": (here("test_device_reaches_the_models"),),
     "dtype": (here("test_dtype_reaches_the_models"),),
     "progress": (here("test_progress_false_prints_no_bar"),),
+    "threads": (here("test_threads_hold_for_the_run_and_are_recorded"),),
 }
 
 # What a key does, where config.py's own comment beside the field does not say it
@@ -209,6 +212,7 @@ def settings(clip, cache_dir, *overrides):
 class Record:
     facts: object = None
     model_args: list = dataclasses.field(default_factory=list)  # (ModelConfig, device, dtype) of build_models
+    threads: list = dataclasses.field(default_factory=list)  # torch's CPU threads while the models were built and while decoding
     models: object = None
     ff_chunks: list = dataclasses.field(default_factory=list)  # set_feed_forward_chunk's arguments
     inversion_batches: list = dataclasses.field(default_factory=list)  # UNet forward batch sizes, no control
@@ -236,6 +240,7 @@ def spied_run(cfg: RunConfig, out: Path) -> Record:
 
     def build_models(model, *, device, dtype):
         rec.model_args.append((model, device, dtype))
+        rec.threads.append(torch.get_num_threads())
         models = rec.models = real["build_models"](model, device=device, dtype=dtype)
         set_chunk = models.unet.set_feed_forward_chunk
 
@@ -361,6 +366,23 @@ def test_size_and_native_size_reach_the_reader(clip, overrides, size):
     assert (video.height, video.width) == size
 
 
+def test_folder_fps_is_an_image_folders_rate_and_said(tmp_path, clip):
+    from tokenflow.config import ConfigError
+    from tokenflow.media import write_png_frames
+
+    folder = tmp_path / "frames"
+    write_png_frames(folder, torch.zeros(3, 64, 64, 3, dtype=torch.uint8))
+    default = load_video(load_config(["model=tiny", "size=64", f"video={folder}"]))
+    assert default.fps == 20 and default.notes[0] == (f"{folder} is a folder of images, which carry no frame rate: "
+                                                      "read at 20 fps (frames.folder_fps=N sets another)")
+    slow = load_video(load_config(["model=tiny", "size=64", f"video={folder}", "frames.folder_fps=12.5"]))
+    assert slow.fps == 12.5 and "read at 12.5 fps" in slow.notes[0]
+    a_file = load_video(load_config(["model=tiny", "size=64", f"video={clip}", "frames.folder_fps=12.5"]))
+    assert a_file.fps == 15 and not any("folder" in n for n in a_file.notes)  # a video file keeps its own rate
+    with pytest.raises(ConfigError, match="frames.folder_fps"):
+        load_config(["model=tiny", "frames.folder_fps=0"])
+
+
 # ---------------------------------------------------------------------------------------------
 # models: device, dtype, model.*
 
@@ -406,6 +428,21 @@ def test_device_reaches_the_models(runs, monkeypatch, clip, cache_dir, tmp_path)
     monkeypatch.setattr(pipeline, "build_models", lambda *a, **k: pytest.fail("models built for a device that is not there"))
     with pytest.raises(DeviceError, match="device=cuda:1"):
         pipeline.run_edit(settings(clip, cache_dir, "device=cuda:1"), tmp_path / "run")
+
+
+def test_threads_hold_for_the_run_and_are_recorded(runs, clip, cache_dir, tmp_path):
+    from tokenflow.config import ConfigError
+
+    before = torch.get_num_threads()
+    other = 2 if before != 2 else 3
+    rec = runs(f"threads={other}")
+    assert rec.threads == [other] and rec.facts.threads == other
+    assert json.loads((Path(rec.facts.outputs["edited"]).parent / "run.json").read_text())["threads"] == other
+    assert torch.get_num_threads() == before  # put back once the run ends
+    base = runs(*BASE)  # threads=null: torch's own setting, untouched, and recorded
+    assert base.threads == [before] and base.facts.threads == before
+    with pytest.raises(ConfigError, match="threads must be an integer >= 1 or null"):
+        load_config(["model=tiny", "threads=0"])
 
 
 def test_dtype_reaches_the_models(runs):
@@ -656,8 +693,9 @@ def test_bad_output_settings_fail_before_the_models_load(clip, tmp_path, monkeyp
 
 def test_progress_false_prints_no_bar(runs):
     quiet, bars = runs(*BASE).stderr, runs("device=cpu", "progress=true").stderr
-    for bar in ("inversion", "editing (tokenflow, pnp)"):
+    for bar in ("inversion, 3 frames x 3 steps", "editing (tokenflow, pnp), 3 frames x 2 steps"):
         assert bar + ":" in bars and bar + ":" not in quiet
+    assert "frame-step/s" in bars and "frame/s" not in bars  # the unit is what is counted: one frame through one step
     assert "reusing cached inversion" in quiet or "inverted latents cached" in quiet  # the lines that are not bars stay
 
 

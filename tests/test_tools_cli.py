@@ -67,6 +67,36 @@ def test_no_tool_takes_an_abbreviated_flag(tool, monkeypatch):
     assert parsers and all(p.allow_abbrev is False for p in parsers), [(p.prog, p.allow_abbrev) for p in parsers]
 
 
+@pytest.mark.parametrize("tool", TOOLS)
+def test_no_tool_writes_outside_outputs_by_default(tool, monkeypatch):
+    """A default output path lies under outputs/ (git ignores it), so a tool run from a clone leaves
+    no untracked files beside the code."""
+    made = []
+    real_init = argparse.ArgumentParser.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "__init__", init)
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"tools.{tool}").main(["--help"])
+    defaults = {(p.prog, a.dest): a.default for p in made for a in p._actions
+                if a.dest in ("out", "out_dir", "output", "output_dir") and a.default is not None}
+    assert all(str(d).startswith("outputs/") for d in defaults.values()), defaults
+
+
+def test_toy_propagation_writes_under_outputs_by_default(tmp_path, monkeypatch):
+    from tokenflow.media.sample_clip import make_sample_clip
+    from tools import toy_propagation
+
+    clip = make_sample_clip(tmp_path / "clip.mp4", frames=6, size=64)
+    monkeypatch.chdir(tmp_path)
+    assert toy_propagation.main(["--video", str(clip), "--frames", "6", "--size", "64", "--interval", "3"]) == 0
+    assert (tmp_path / "outputs" / "toy_propagation" / "clip" / "warp_error.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "outputs"]
+
+
 def test_bench_does_not_read_model_as_models():
     res = python_m("tools.maintainers.bench", "--model", "tiny", "--parts", "none")  # no rows, no --e2e: just the report head
     assert res.returncode == 0, res.stderr
@@ -105,6 +135,23 @@ def test_warp_error_needs_run_or_source_and_edited(tmp_path):
     assert res.returncode == 2 and "no config.yaml" in res.stderr
 
 
+def test_a_runs_config_is_read_back_literally_by_the_tools(tmp_path, capsys):
+    """A prompt that looks like an OmegaConf interpolation is text: the run edits with it, and the
+    tools that read the run's config.yaml get the same text back instead of failing to resolve it."""
+    from tokenflow.config import load_config, read_run_config
+    from tokenflow.pipeline import run_edit
+    from tools import table1
+
+    prompt = "a ${oops} wolf, ${hydra:runtime.cwd} and $5"
+    cfg = load_config(["model=tiny", "size=64", "steps=1", "inversion.steps=2", "frames.max=2", "progress=false",
+                       f"inversion.cache_dir={tmp_path / 'cache'}", f"prompt={prompt}"])
+    run_edit(cfg, tmp_path / "run")
+    assert read_run_config(tmp_path / "run") == cfg and read_run_config(tmp_path / "run" / "config.yaml").prompt == prompt
+    assert table1.read_run_config(tmp_path / "run").prompt == prompt
+    assert warp_error.main(["--run", str(tmp_path / "run")]) == 0
+    assert "mean warp error" in capsys.readouterr().out
+
+
 def moving_square(n=6, h=96, w=160, step=3):
     frames = np.full((n, h, w, 3), 40, np.uint8)
     yy, xx = np.mgrid[0:h, 0:w]
@@ -121,11 +168,11 @@ def test_warp_error_measures_a_smaller_edit_against_the_source_fitted_to_it(tmp_
     from tokenflow.media import fit_to_size, read_video
 
     source = write_video(tmp_path / "source.mp4", torch.from_numpy(moving_square()), 10)
-    small = fit_to_size(read_video(source), 64)  # what a size=64 run reads: 64x106 -> cropped to 64x64
+    small = fit_to_size(read_video(source), 64)  # what a size=64 run reads: [96, 160] -> [64, 106] -> cropped to [64, 64]
     edit = write_video(tmp_path / "edit.mp4", small.frames, 10)
     assert warp_error.main(["--source", str(source), "--edited", str(edit)]) == 0
     out = capsys.readouterr().out
-    assert "note: the source is 160x96 and the edit 64x64" in out
+    assert "note: the source is [96, 160] and the edit [64, 64] ([H, W])" in out
     direct = warp_error.warp_error(small.frames.numpy(), read_video(edit).frames.numpy()).mean
     assert f"mean warp error: {direct:.3f}" in out
 
@@ -146,6 +193,7 @@ def test_readme_examples_that_need_no_weights_run_as_written(tmp_path, readme_ex
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENFLOW_CACHE=str(tmp_path / "cache"))
     tokenflow = shutil.which("tokenflow")
     tmp_path = copy_of_the_clone(tmp_path / "clone")
+    before = {p for p in tmp_path.rglob("*") if p.is_file()}
     for line in readme_examples:
         argv = shlex.split(line)
         argv = [tokenflow, *argv[1:]] if argv[0] == "tokenflow" else [sys.executable, *argv[1:]]
@@ -155,7 +203,11 @@ def test_readme_examples_that_need_no_weights_run_as_written(tmp_path, readme_ex
             assert re.search(r"mean warp error: \d+\.\d+ x1e-3", res.stdout)
             assert "model=tiny (random weights)" in res.stdout
     assert (tmp_path / "outputs" / "tiny" / "edited.mp4").is_file()
-    assert (tmp_path / "fig3_tiny.png").is_file()
+    assert (tmp_path / "outputs" / "fig3_tiny.png").is_file()
+    # what the commands wrote lies under outputs/ (ignored by git): the checkout gains no untracked file
+    new = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and p not in before
+                 and "__pycache__" not in p.parts)
+    assert new and all(name.startswith("outputs/") for name in new), new
 
 
 def test_tool_overrides_read_prompts_and_keys_as_the_tokenflow_command():

@@ -169,7 +169,7 @@ def test_the_edit_stage_writes_what_the_command_line_writes(bench, tmp_path):
     r = bench.edit(cfg)
     assert r.ok, r.message
     assert set(r.files) == {"config", "edited", "side_by_side", "run.json"}
-    assert r.facts["frames"] == FRAMES and r.message.startswith(f"wrote {FRAMES} frames 64x64")
+    assert r.facts["frames"] == FRAMES and r.message.startswith(f"wrote {FRAMES} frames, size [64, 64] (H, W)")
     out = (tmp_path / "outputs").resolve()
     assert all(str(out) in path for path in r.files.values())
 

@@ -43,7 +43,7 @@ def test_the_edit_stage_plays_the_uploaded_clip_edited_and_names_its_command(app
     clip = make_sample_clip(tmp_path / "clip.mp4", frames=FRAMES, size=64, fps=FPS)
     page.upload(clip)
     status = page.run_stage("edit")
-    assert status.startswith(f"wrote {FRAMES} frames 64x64 at {FPS} fps"), status
+    assert status.startswith(f"wrote {FRAMES} frames, size [64, 64] (H, W), at {FPS} fps"), status
     assert "the output is noise" in status  # the tiny model says so
 
     video = page.video()

@@ -283,7 +283,7 @@ def test_fit_none_crops_down_to_multiples_centred():
     video = fake_video(480, 854)
     fitted = fit_to_size(video)
     assert fitted.frames.shape == (2, 448, 832, 3)
-    assert fitted.notes == ["centre-cropped 854x480 -> 832x448"]
+    assert fitted.notes == ["centre-cropped [480, 854] -> [448, 832]"]
     assert torch.equal(fitted.frames, video.frames[:, 16:464, 11:843])  # (480-448)/2, (854-832)/2
     assert video.notes == []  # the input is not mutated
 
@@ -291,21 +291,21 @@ def test_fit_none_crops_down_to_multiples_centred():
 def test_fit_int_resizes_short_side_then_crops():
     fitted = fit_to_size(fake_video(480, 854, value=77), 512)
     assert fitted.frames.shape == (2, 512, 896, 3)
-    assert fitted.notes == ["resized 854x480 -> 911x512, centre-cropped to 896x512"]
+    assert fitted.notes == ["resized [480, 854] -> [512, 911], centre-cropped to [512, 896]"]
     assert fitted.frames.eq(77).all()  # resizing a flat colour keeps it exactly
 
     tall = fit_to_size(fake_video(300, 200, value=5), 128)
     assert tall.frames.shape == (2, 192, 128, 3)
-    assert tall.notes == ["resized 200x300 -> 128x192"]
+    assert tall.notes == ["resized [300, 200] -> [192, 128]"]
 
 
 def test_fit_tuple_gives_exactly_that_size():
     fitted = fit_to_size(fake_video(480, 854), (512, 512))
     assert fitted.frames.shape == (2, 512, 512, 3)
-    assert fitted.notes == ["resized 854x480 -> 911x512, centre-cropped to 512x512"]
+    assert fitted.notes == ["resized [480, 854] -> [512, 911], centre-cropped to [512, 512]"]
     down = fit_to_size(fake_video(256, 256), (128, 128))
     assert down.frames.shape == (2, 128, 128, 3)
-    assert down.notes == ["resized 256x256 -> 128x128"]
+    assert down.notes == ["resized [256, 256] -> [128, 128]"]
 
 
 def test_fit_matches_plain_interpolate():

@@ -239,7 +239,7 @@ def test_mismatched_inputs_raise_clear_errors():
     frames = translating_video(4)
     with pytest.raises(ValueError, match="source has 4 frames, edited has 3"):
         warp_error(frames, frames[:3])
-    with pytest.raises(ValueError, match=r"source frames are 128x128.*edited are 64x128"):
+    with pytest.raises(ValueError, match=r"source frames are \[128, 128\] \(\[H, W\]\), edited are \[128, 64\]"):
         warp_error(frames, frames[:, :, :64])
     with pytest.raises(ValueError, match="at least 2 frames"):
         warp_error(frames[:1], frames[:1])

@@ -29,14 +29,21 @@ register_resolvers()  # on import: a launcher's worker process unpickles the job
 
 
 def _remove_if_empty(out_dir: Path) -> str:
-    """Remove a failed run's folder if it is empty (this run made it); say what stays."""
+    """Remove a failed run's folder if it is empty (this run made it) -> what stays there: "" when
+    nothing does, else a note that the folder keeps what an earlier run wrote."""
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()
         parent = out_dir.parent  # outputs/DATE/ when this was its only run
         if parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
-        return "no outputs were written"
-    return f"no outputs were written; {out_dir} keeps the files it held before"
+        return ""
+    return f"{out_dir} keeps the files it held before" if out_dir.is_dir() else ""
+
+
+def _nothing_written(out_dir: Path) -> str:
+    """The end of a failed run's error line: no outputs, and what the folder still holds."""
+    kept = _remove_if_empty(out_dir)
+    return f"no outputs were written; {kept}" if kept else "no outputs were written"
 
 
 def _run(hydra_cfg) -> None:
@@ -54,21 +61,25 @@ def _run(hydra_cfg) -> None:
         facts = run_edit(cfg, out_dir)  # writes config.yaml with the other outputs, on success only
     except (ConfigError, ModelNotAvailable, FileNotFoundError, ValueError, FloatingPointError) as e:
         # bad input or missing weights: one clear line, no traceback, and no outputs were written
-        print(f"error: {e} ({_remove_if_empty(out_dir)})", file=sys.stderr)
+        print(f"error: {e} ({_nothing_written(out_dir)})", file=sys.stderr)
         sys.exit(ERROR_EXIT)
     except KeyboardInterrupt as e:
-        what = str(e) if isinstance(e, RunInterrupted) else "interrupted"
-        print(f"\n{what} ({_remove_if_empty(out_dir)})", file=sys.stderr)
+        if isinstance(e, RunInterrupted):  # its line already says that no outputs were written
+            kept = _remove_if_empty(out_dir)
+            line = f"{e}" + (f" ({kept})" if kept else "")
+        else:
+            line = f"interrupted ({_nothing_written(out_dir)})"
+        print(f"\n{line}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)
     except RuntimeError as e:  # from the device (CUDA start, an index, out of memory): one line; bugs keep their traceback
         line = device_error_line(e)
         if line is None:
             raise
-        print(f"error: {line} ({_remove_if_empty(out_dir)})", file=sys.stderr)
+        print(f"error: {line} ({_nothing_written(out_dir)})", file=sys.stderr)
         sys.exit(ERROR_EXIT)
     if facts is None:  # a torchrun rank other than 0: rank 0 writes and reports
         return
-    print(f"[tokenflow] {facts.frames} frames {facts.size[1]}x{facts.size[0]} at {facts.fps:g} fps; "
+    print(f"[tokenflow] {facts.frames} frames, size {facts.size} (H, W), at {facts.fps:g} fps; "
           f"seconds per frame: {facts.seconds_per_frame}")
     for name, path in facts.outputs.items():
         print(f"[tokenflow] wrote {name}: {path}")

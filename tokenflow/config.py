@@ -72,8 +72,10 @@ class FramesConfig:
     end: Optional[int] = None  # one past the last source frame (null: to the end)
     stride: int = 1  # every stride-th frame (the output plays at fps / stride: the source speed)
     max: Optional[int] = None  # at most this many frames (null: all)
+    folder_fps: float = 20.0  # the frame rate a folder of images is read at (images carry none); a video file keeps its own
 
     def __post_init__(self):
+        _require(_is_number(self.folder_fps) and self.folder_fps >= 0.01, "frames.folder_fps", "a number >= 0.01", self.folder_fps)
         _positive_int("frames.start", self.start, minimum=0)
         _positive_int("frames.end", self.end, optional=True)
         _positive_int("frames.stride", self.stride)
@@ -205,6 +207,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:1
     dtype: str = "auto"  # auto (float16 on a GPU, float32 on a CPU) | float32 | float16 | bfloat16
     progress: bool = True  # progress bars on stderr
+    threads: Optional[int] = None  # torch's CPU threads for the run (null: torch's default, one per core); fewer on a shared machine: docs/install.md
 
     SIZE_HELP: ClassVar[str] = "null (the model's native size), full, a short side in pixels or [H, W]"
 
@@ -222,6 +225,7 @@ class RunConfig:
         _require(self.device == "auto" or self.device == "cpu" or self.device == "cuda" or
                  (self.device.startswith("cuda:") and self.device[5:].isdigit()), "device", DEVICES, self.device)
         _one_of("dtype", self.dtype, DTYPES)
+        _positive_int("threads", self.threads, optional=True)
 
     @classmethod
     def from_hydra(cls, cfg) -> RunConfig:
@@ -288,3 +292,16 @@ def load_config(overrides: list[str] = ()) -> RunConfig:
     from .overrides import prepare
 
     return compose(prepare(list(overrides)))
+
+
+def read_run_config(path) -> RunConfig:
+    """A run's config.yaml (a file, or the run folder holding it) -> the checked RunConfig it ran
+    with. Values are read literally: a prompt holding `${...}` is text, as the run took it, not an
+    interpolation to resolve."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    path = path / "config.yaml" if path.is_dir() else path
+    return RunConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=False))

@@ -4,8 +4,23 @@ one-line message for an error that comes from the device rather than from the co
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
+
+
+@contextmanager
+def cpu_threads(threads: int | None):
+    """torch's intra-op CPU threads set to `threads` for the block (None: left as torch has them),
+    and put back afterwards, so a run inside a longer process does not change the process."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads is not None:
+            torch.set_num_threads(before)
 
 
 def pick_device(name: str) -> str:

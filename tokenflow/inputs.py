@@ -32,8 +32,13 @@ def load_video(cfg: RunConfig) -> Video:
     elif size == "full":
         size = None  # the input's own size, centre-cropped to multiples of 64
     sel = cfg.frames
+    folder = Path(path).is_dir()
     video = read_video(path, start=sel.start, end=sel.end, stride=sel.stride, max_frames=sel.max,
+                       fps=sel.folder_fps if folder else None,
                        size=tuple(size) if isinstance(size, list) else size, audio=cfg.output.audio)
+    if folder:  # images carry no clock: the rate is the setting's, and the user should know it is not the camera's
+        video.notes.insert(0, f"{path} is a folder of images, which carry no frame rate: read at {sel.folder_fps:g} fps "
+                              f"(frames.folder_fps=N sets another)")
     if note:
         video.notes.append(note)
     return video

@@ -10,6 +10,8 @@ class RunInterrupted(KeyboardInterrupt):
         self.stage, self.cache_dir, self.cached, self.frames = stage, cache_dir, cached, frames
         if cache_dir is None:
             kept = "nothing is cached: the same command starts over"
+        elif cached == 0:
+            kept = f"no frame's inversion was finished yet (cache {cache_dir}): the same command starts over"
         elif cached < frames:
             kept = (f"the inverted latents of {cached}/{frames} frames are cached in {cache_dir}: "
                     f"the same command resumes with the other {frames - cached}")

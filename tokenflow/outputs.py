@@ -121,5 +121,8 @@ def write_outputs(stage: StagedOutputs, cfg: RunConfig, video: Video, frames: to
 
 
 def write_run_facts(stage: StagedOutputs, facts: RunFacts) -> None:
-    """run.json, the last output written (so it lands last)."""
-    stage.path("run.json").write_text(json.dumps(asdict(facts), indent=2, ensure_ascii=False), encoding="utf-8")
+    """run.json, the last output written (so it lands last). `ranks` is there under torchrun only."""
+    data = asdict(facts)
+    if not data["ranks"]:
+        del data["ranks"]
+    stage.path("run.json").write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")

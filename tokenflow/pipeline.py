@@ -17,10 +17,12 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from sampler.ddim import inversion_timesteps
 
 from .config import RunConfig
-from .device import pick_device, pick_dtype
+from .device import cpu_threads, pick_device, pick_dtype
 from .distributed import Ranks, rank_facts, remove_own_run_dir
 from .edit import EditSettings, edit_video_latents
 from .inputs import load_video
@@ -78,7 +80,11 @@ def run_edit(cfg: RunConfig, out_dir: Path | str, *, models=None) -> RunFacts | 
     Returns the run's facts (None on a torchrun rank other than 0, which writes nothing).
     `models`: cfg.model's models already built on cfg's device and dtype (a long-lived process such as
     the web app keeps them loaded between runs); None builds them."""
-    out_dir = Path(out_dir)
+    with cpu_threads(cfg.threads):  # before any heavy work: threads= holds for every stage
+        return _run_edit(cfg, Path(out_dir), models)
+
+
+def _run_edit(cfg: RunConfig, out_dir: Path, models=None) -> RunFacts | None:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     settings = None if cfg.tokenflow.mode == "reconstruction" else EditSettings.from_config(cfg)
@@ -90,8 +96,6 @@ def run_edit(cfg: RunConfig, out_dir: Path | str, *, models=None) -> RunFacts | 
         cfg = replace(cfg, progress=cfg.progress and ranks.is_root)
     run = RunStages(device)
     warnings = [w for w in [random_weights_warning(cfg)] if w]
-    for w in warnings:  # said now, and again at the end with the run's other warnings
-        say(f"warning: {w}")
     try:
         return _run_stages(cfg, out_dir, settings, device, dtype, ranks, run, warnings, models)
     finally:
@@ -105,8 +109,8 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
     # 1. read: the selected frames, fitted to the run's size (uint8 [n, H, W, 3])
     with run.stage("read_video"):
         video = load_video(cfg)
-    for line in video.notes + [f"warning: {w}" for w in video.warnings]:
-        say(line)
+    for line in video.notes + [f"warning: {w}" for w in video.warnings + warnings]:
+        say(line)  # once the input reads (a run refused for its input says that only), and the warnings again at the end
     n = video.num_frames
     shard = None if ranks is None else ranks.shard(n)  # torchrun: this process's share of the frames
     own = list(range(n)) if shard is None else shard.frames
@@ -148,7 +152,7 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
         mode=cfg.tokenflow.mode, method=cfg.method.name, prompt=cfg.prompt, device=device,
         dtype=str(dtype).replace("torch.", ""), inversion_cache=None if run.cache is None else str(run.cache.dir),
         inversion_frames_reused=reused, warnings=warnings + video.warnings + ([lost_sound] if lost_sound else []),
-        source=asdict(video.source), unet_frame_forwards=forwards, started=run.watch.started,
+        source=asdict(video.source), unet_frame_forwards=forwards, started=run.watch.started, threads=torch.get_num_threads(),
         keyframes_per_step=[] if record is None else record.keyframes, timesteps=[] if record is None else record.timesteps,
     )
     if shard is not None:  # torchrun: every rank's decoded frames to rank 0, which writes; the others are done
@@ -179,7 +183,7 @@ def _invert(cfg: RunConfig, video, models, clean, prompts, timesteps: list[int],
     cache = run.cache = cache if shard is None or cache is None else shard.cache_view(cache)  # numbered as the whole clip's
     n = clean.shape[0]
     grid = inversion_timesteps(models.config.schedule, cfg.inversion.steps, timesteps)  # the path each frame climbs
-    bar = FrameStepBar("inversion", n * len(grid), cfg.progress)
+    bar = FrameStepBar("inversion", n * len(grid), cfg.progress, frames=n)
     reused = 0
 
     def on_reuse(k: int) -> None:
@@ -202,7 +206,7 @@ def _invert(cfg: RunConfig, video, models, clean, prompts, timesteps: list[int],
 def _edit(cfg: RunConfig, models, settings: EditSettings, prompts, source_latents, clean, timesteps: list[int], shard):
     """Alg. 1 with a progress bar -> (edited latents of this process's frames, the loop's record, UNet frame-forwards)."""
     frames = clean.shape[0]
-    bar = FrameStepBar(f"editing ({settings.mode}, {settings.method})", frames * len(timesteps), cfg.progress)
+    bar = FrameStepBar(f"editing ({settings.mode}, {settings.method})", frames * len(timesteps), cfg.progress, frames=frames)
     watch = ProgressWatch(bar, frames, shard=shard)
     if shard is not None:  # the loop indexes clip-sized tensors: this rank's rows filled, keyframe rows exchanged
         source_latents, clean = shard.full_source(source_latents), shard.full(clean)

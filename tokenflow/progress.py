@@ -29,10 +29,14 @@ def listening(listener: Listener) -> Iterator[None]:
 
 class FrameStepBar:
     """A tqdm bar counted in frame-steps, so its rate reads as frames/s of a single step and its ETA
-    covers the whole stage."""
+    covers the whole stage. The unit says frame-step, and with `frames` the label says how the total
+    is made (`inversion, 16 frames x 19 steps: 0/304`), so a count larger than the clip does not read
+    as frames."""
 
-    def __init__(self, desc: str, total: int, enabled: bool):
-        self.bar = tqdm(total=total, desc=desc, unit="frame", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    def __init__(self, desc: str, total: int, enabled: bool, frames: int | None = None):
+        if frames:
+            desc = f"{desc}, {frames} frames x {total // frames} steps"
+        self.bar = tqdm(total=total, desc=desc, unit="frame-step", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
         self.desc, self.done, self.total = desc, 0, total
         self.listener = _listener.get()
 

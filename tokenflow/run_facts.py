@@ -19,6 +19,7 @@ class RunFacts:
     prompt: str
     device: str
     dtype: str
+    threads: int = 0  # torch's CPU threads during the run (threads=, else torch's default)
     timings_s: dict[str, float] = field(default_factory=dict)
     seconds_per_frame: dict[str, float] = field(default_factory=dict)
     keyframes_per_step: list[list[int]] = field(default_factory=list)

@@ -4,10 +4,10 @@ scale of the TokenFlow paper's Table 1 (0.33 for TokenFlow, 0.23 for the unedite
 
 Default model: ViT-L/14, `openai/clip-vit-large-patch14` (a transformers CLIPModel). Weights come
 from a local folder or the Hugging Face hub (only config, safetensors weights, preprocessing and
-tokenizer files are fetched). Where neither is available the score is optional: `load_clip` raises
-ClipUnavailable saying what to provide, `clip_score_or_none` and the CLI print
-"CLIP score skipped: ..." and carry on (CLI exit code 0, so an evaluation script is not stopped by a
-metric it cannot compute; bad input is exit code 2).
+tokenizer files are fetched). Where neither is available: `load_clip` raises ClipUnavailable saying
+what to provide; `clip_score_or_none` (Table 1, where the score is one column of several) prints
+"CLIP score skipped: ..." and carries on; the CLI, whose only job is the score, prints one error line
+naming --clip-model and exits with code 2, as for bad input.
 
 The model: both towers are clip_text's transformer (`clip_text.model.Encoder` of pre-LN `Block`s).
 The text tower IS clip_text's `TextTransformer` (causal, final LayerNorm); the image tower is the same
@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         description="CLIP score of a video against a prompt: the mean over frames of the cosine between the "
                     "CLIP image embedding of each frame and the CLIP text embedding of the prompt (the TokenFlow "
                     "paper's Table 1 scale). Prints one line per frame, then the mean on the last line. "
-                    "Exit code 0 also when the CLIP weights are unavailable (a 'CLIP score skipped: ...' line "
-                    "says what to provide); 2 on bad input.",
+                    "Exit code 2, with an error line, when it cannot score: CLIP weights that are not available "
+                    "(the line says what to pass with --clip-model) or bad input.",
         allow_abbrev=False,
     )
     parser.add_argument("--video", required=True, help="edited video (file, or folder of png/jpg frames)")
@@ -452,9 +452,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = clip_score(args.video, args.prompt, model=args.clip_model, device=args.device, batch_size=args.batch_size)
-    except ClipUnavailable as e:
-        print(f"CLIP score skipped: {e}")
-        return 0
+    except ClipUnavailable as e:  # scoring is this command's only job: without weights it failed
+        print(f"error: no CLIP score: {e} Pass that folder with --clip-model PATH.", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, RuntimeError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

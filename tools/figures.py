@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     pca.add_argument("--layer", default=HIGHEST_RES_DECODER_LAYER, help=f"self-attention path; default {HIGHEST_RES_DECODER_LAYER}")
     pca.add_argument("--tile", type=int, default=256, help="tile side in pixels (token maps are enlarged by a whole factor)")
     pca.add_argument("--no-input-row", action="store_true", help="leave out the row of input frames")
-    pca.add_argument("--out", default="fig2_feature_pca.png", help="PNG to write")
+    pca.add_argument("--out", default="outputs/figures/fig2_feature_pca.png", help="PNG to write (default outputs/figures/fig2_feature_pca.png)")
     add_run_flags(pca)
 
     nn = sub.add_parser("nnfield", allow_abbrev=False, help="Fig. 3: NN-field reconstruction of a target frame from a source frame",
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     nn.add_argument("--layer", default=HIGHEST_RES_DECODER_LAYER, help=f"self-attention path; default {HIGHEST_RES_DECODER_LAYER}")
     nn.add_argument("--tokens", default="input", choices=("input", "output"),
                     help="match self-attention inputs (what TokenFlow's propagation uses; default) or outputs")
-    nn.add_argument("--out", default="fig3_nn_field.png", help="PNG to write")
+    nn.add_argument("--out", default="outputs/figures/fig3_nn_field.png", help="PNG to write (default outputs/figures/fig3_nn_field.png)")
     add_run_flags(nn)
     return parser
 

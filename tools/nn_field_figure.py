@@ -43,6 +43,6 @@ def nn_field_figure(
     src = prepare_source(cfg, frames=[source_frame, target_frame])
     fig = nn_field_image(src, 0, 1, step=step, layer=layer, tokens=tokens)
     path = write_png(out, fig.image)
-    print(f"[figures] NN field of {layer} ({tokens} tokens, {fig.grid[1]}x{fig.grid[0]} grid) at step {fig.step}, "
+    print(f"[figures] NN field of {layer} ({tokens} tokens, a {list(fig.grid)} (H, W) grid) at step {fig.step}, "
           f"frame {source_frame} -> {target_frame}", file=sys.stderr)
     return NNFieldFigure(path=path, layout=fig.layout, result=fig.result, step=fig.step, timestep=fig.timestep, layer=layer)

@@ -1,7 +1,7 @@
 """The paper's Table 1 for our implementation: warp error, CLIP score, time and memory per method.
 
     python -m tools.table1 --pairs "wolf.mp4::a marble sculpture of a wolf" --pairs "sample::a watercolor painting"
-    python -m tools.table1 --pairs-file pairs.txt --model tiny --out-dir table1 frames.max=16 size=128
+    python -m tools.table1 --pairs-file pairs.txt --model tiny --out-dir outputs/table1_tiny frames.max=16 size=128
 
 For every (video, prompt) pair, six runs of tokenflow.pipeline.run_edit, each configured by
 tokenflow.config.load_config with `experiment=table1_<mode>` and the user's overrides:
@@ -32,7 +32,7 @@ pair is its config.yaml's video and prompt, its method its tokenflow.mode (and p
 sweep started by hand, or on another machine, counts too (a failed job leaves no folder to find).
 
     python -m tools.table1 --pairs-file pairs.txt --sweep submitit_slurm --launcher-arg hydra.launcher.partition=gpu
-    python -m tools.table1 --collect table1/multirun --out-dir table1
+    python -m tools.table1 --collect outputs/table1/multirun
 """
 
 from __future__ import annotations
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", action="append", default=[], metavar="VIDEO::PROMPT",
                         help='a video (file, image folder or "sample") and its edit prompt; repeat for more pairs')
     parser.add_argument("--pairs-file", default=None, help="a file of VIDEO::PROMPT lines (# comments allowed)")
-    parser.add_argument("--out-dir", default="table1", help="where runs and tables go (default ./table1)")
+    parser.add_argument("--out-dir", default="outputs/table1", help="where runs and tables go (default outputs/table1)")
     parser.add_argument("--clip-model", default=DEFAULT_MODEL,
                         help=f"CLIP weights: a transformers CLIPModel folder or hub id (default {DEFAULT_MODEL})")
     parser.add_argument("--no-clip", action="store_true", help="do not compute the CLIP score")
@@ -540,10 +540,10 @@ def job_method(cfg: RunConfig) -> str:
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
-    """The settings a finished run ran with (its config.yaml, written with its outputs)."""
-    from omegaconf import OmegaConf
+    """The settings a finished run ran with (its config.yaml, written with its outputs), read literally."""
+    from tokenflow.config import read_run_config as read
 
-    return RunConfig.from_dict(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
+    return read(run_dir / "config.yaml")
 
 
 def collect(multirun: Path | str, out_dir: Path | str, *, clip_model: str | None = None, flow: str = "dis",

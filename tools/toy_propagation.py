@@ -35,7 +35,7 @@ UNet's later layers and the VAE decoder do). Content that no keyframe shows (dis
 copied from the closest-looking keyframe patch. It shows the mechanism and why it is consistent:
 frames built from the same edited keyframes through the original's correspondences share one edit.
 
-Outputs in --out (default toy_propagation/<clip name>), written together at the end:
+Outputs in --out (default outputs/toy_propagation/<clip name>), written together at the end:
   side_by_side.mp4   source | per-frame edit | TokenFlow (first rule), with the frame number
   per_frame.mp4, tokenflow_<rule>.mp4   each edit alone
   nn_field.png       one frame's NN field to its keyframes (matplotlib, the docs extra; without it
@@ -303,7 +303,7 @@ def write_outputs(out: Path, result: ToyResult, videos: dict[str, Tensor], figur
 
 
 def report(result: ToyResult) -> str:
-    lines = [f"{result.video}: {result.frames} frames at {result.size[1]}x{result.size[0]}, {result.stride} px tokens, "
+    lines = [f"{result.video}: {result.frames} frames at {list(result.size)} (H, W), {result.stride} px tokens, "
              f"keyframes {result.keyframes} (interval {result.interval}, step {result.step}), weighting {result.weighting}",
              f"NN field of frame {result.figure_frame} within one token of the optical flow: {100 * result.flow_agreement:.0f}% of tokens"]
     for name, value in result.warp_error.items():
@@ -324,12 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rule", choices=(*RULES, "both"), default="both", help="propagation rule (default both)")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default="sigmoid", help="Eq. 7 weighting (default sigmoid)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the keyframe draw and the edit's jitter")
-    parser.add_argument("--out", default=None, help="output folder (default toy_propagation/<clip name>)")
+    parser.add_argument("--out", default=None, help="output folder (default outputs/toy_propagation/<clip name>)")
     args = parser.parse_args(argv)
     if args.frames < 2:
         parser.error(f"--frames must be at least 2, got {args.frames}")
     rules = RULES if args.rule == "both" else (args.rule,)
-    out = Path(args.out) if args.out else Path("toy_propagation") / Path(args.video).stem
+    out = Path(args.out) if args.out else Path("outputs") / "toy_propagation" / Path(args.video).stem
     try:
         frames = load_clip(args.video, args.frames, args.size or None, args.stride)
         result, videos, figure = run_demo(frames, stride=args.stride, interval=args.interval, step=args.step,

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from tools.optical_flow import METHODS, backward_warp, flow
+from tokenflow.media.size import hw
 
 SCALE = 1e3  # results are reported x1e-3: a raw error of 0.0031 is reported as 3.1
 
@@ -153,8 +154,8 @@ def warp_error(source_frames, edited_frames, *, method: str = "dis", mask_out_of
         raise ValueError(f"frame count mismatch: source has {source.shape[0]} frames, edited has {edited.shape[0]}")
     if source.shape[1:3] != edited.shape[1:3]:
         raise ValueError(
-            f"frame size mismatch: source frames are {source.shape[2]}x{source.shape[1]} (WxH), edited "
-            f"are {edited.shape[2]}x{edited.shape[1]}; resize the edited video to the source size first"
+            f"frame size mismatch: source frames are {hw(*source.shape[1:3])} ([H, W]), edited "
+            f"are {hw(*edited.shape[1:3])}; resize the edited video to the source size first"
         )
     if source.shape[0] < 2:
         raise ValueError(f"warp error needs at least 2 frames, got {source.shape[0]}")
@@ -208,8 +209,8 @@ def source_like_edit(path: str, edited: np.ndarray, max_frames: int | None) -> t
     if (video.height, video.width) == (h, w):
         return video.frames.numpy(), []
     fitted = fit_to_size(video, (h, w), multiple=1)
-    note = (f"the source is {video.width}x{video.height} and the edit {w}x{h}: measured against the source resized "
-            f"and centre-cropped to {w}x{h} ({'; '.join(fitted.notes[len(video.notes):])}); "
+    note = (f"the source is {hw(video.height, video.width)} and the edit {hw(h, w)} ([H, W]): measured against the source "
+            f"resized and centre-cropped to {hw(h, w)} ({'; '.join(fitted.notes[len(video.notes):])}); "
             f"--run RUN_DIR measures against the exact frames a run read")
     return fitted.frames.numpy(), [note]
 
@@ -220,9 +221,7 @@ def run_frames(run_dir: Path, max_frames: int | None) -> tuple[np.ndarray, np.nd
     edit it wrote (frames/ when output.png_frames=true, lossless; else edited.mp4)."""
     import json
 
-    from omegaconf import OmegaConf
-
-    from tokenflow.config import RunConfig
+    from tokenflow.config import read_run_config
     from tokenflow.inputs import load_video
     from tokenflow.media import read_video
     from tokenflow.models.presets import RANDOM
@@ -232,17 +231,17 @@ def run_frames(run_dir: Path, max_frames: int | None) -> tuple[np.ndarray, np.nd
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir}: no {name} here; --run takes the folder of a finished tokenflow run "
                                     f"(outputs/DATE/TIME, with config.yaml, edited.mp4 and run.json)")
-    cfg = RunConfig.from_dict(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
+    cfg = read_run_config(run_dir / "config.yaml")
     facts = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     video = load_video(cfg)
     if list(video.indices) != facts["source_indices"] or [video.height, video.width] != facts["size"]:
-        raise ValueError(f"{run_dir}: {cfg.video} now reads as frames {video.indices[:3]}... at {video.width}x{video.height}, "
-                         f"not the run's frames {facts['source_indices'][:3]}... at {facts['size'][1]}x{facts['size'][0]}: "
+        raise ValueError(f"{run_dir}: {cfg.video} now reads as frames {video.indices[:3]}... at {hw(video.height, video.width)}, "
+                         f"not the run's frames {facts['source_indices'][:3]}... at {hw(*facts['size'])} ([H, W]): "
                          f"the source changed since the run")
     edited_path = run_dir / "frames" if (run_dir / "frames").is_dir() else run_dir / "edited.mp4"
     source = video.frames.numpy()[:max_frames]
     edited = read_video(edited_path, max_frames=max_frames).frames.numpy()
-    notes = [f"source: {video.path}, frames {video.indices[0]}..{video.indices[-1]} at {video.width}x{video.height} "
+    notes = [f"source: {video.path}, frames {video.indices[0]}..{video.indices[-1]} at {hw(video.height, video.width)} ([H, W]) "
              f"(as the run read it); edit: {edited_path}"]
     if cfg.model.source == RANDOM:
         notes.append(f"this run used model={cfg.model.name} (random weights): its output is noise and its warp error "

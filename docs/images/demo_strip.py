@@ -1,7 +1,7 @@
 """Draws docs/images/demo_strip.png, the README's picture, from the weight-free demo's videos.
 
     python -m tools.toy_propagation --video sample
-    python docs/images/demo_strip.py toy_propagation/sample docs/images/demo_strip.png
+    python docs/images/demo_strip.py outputs/toy_propagation/sample docs/images/demo_strip.png
 
 Rows: the generated sample clip, the per-frame edit (a colour grade drawn anew for every frame:
 it flickers) and TokenFlow's propagation (only the keyframes graded, every frame assembled from

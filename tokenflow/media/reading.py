@@ -21,7 +21,7 @@ import torch
 from . import orientation, pixels
 from .audio import AudioUnreadable, read_audio_span
 from .frames import SourceInfo, Video, as_fraction, fmt_fps
-from .size import plan_fit
+from .size import hw, plan_fit
 from .timing import probe_clock
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -30,6 +30,13 @@ KEEP = "keep"  # read_video(size=KEEP): frames at the size they are decoded (no 
 # Bump when the same file and selection read to other pixels (part of the inversion cache's key).
 # 2: frames stood upright, VFR frames picked by timestamp, colour range honoured, uint8 resizing.
 READER_VERSION = 2
+
+
+def ffmpeg_reason(error: Exception) -> str:
+    """What an FFmpeg error says, without PyAV's errno (an FFmpeg code such as 1094995529, which tells
+    a user nothing) and the file name, which the line naming the file already gives."""
+    reason = getattr(error, "strerror", None)
+    return reason[:1].lower() + reason[1:] if reason else str(error)
 
 
 def image_files(folder: Path | str) -> list[Path]:
@@ -138,7 +145,7 @@ class _FrameSink:
             self._first = (index, image.shape[:2])
         elif image.shape[:2] != self._first[1]:
             (i0, (h0, w0)), (h, w) = self._first, image.shape[:2]
-            raise ValueError(f"{self.path}: frame {index} is {w}x{h}, frame {i0} is {w0}x{h0}")
+            raise ValueError(f"{self.path}: frame {index} is {hw(h, w)}, frame {i0} is {hw(h0, w0)} (sizes [H, W])")
         image = orientation.upright(image, self.rotation)
         frame = torch.from_numpy(image)[None]  # [1, H, W, 3]
         if self.size != KEEP:
@@ -167,7 +174,7 @@ def _read_file(path: Path, sink: _FrameSink, start, end, stride, max_frames, fps
     try:
         container = av.open(str(path))
     except av.FFmpegError as e:
-        raise ValueError(f"{path}: not a video FFmpeg can read ({e})") from None
+        raise ValueError(f"{path}: not a video FFmpeg can read ({ffmpeg_reason(e)})") from None
     with container:
         if not container.streams.video:
             raise ValueError(f"{path}: has no video stream (container {container.format.name})")
@@ -177,7 +184,7 @@ def _read_file(path: Path, sink: _FrameSink, start, end, stride, max_frames, fps
         try:
             clock = None if fps_override else probe_clock(container, stream, nominal)
         except av.FFmpegError as e:
-            raise ValueError(f"{path}: reading the packets failed ({e})") from None
+            raise ValueError(f"{path}: reading the packets failed ({ffmpeg_reason(e)})") from None
         if clock is None and not (fps_override or nominal):
             raise ValueError(f"{path}: cannot tell the frame rate; pass fps=")
         if clock is not None:
@@ -247,7 +254,7 @@ def _decode_frames(path, container, stream, sink, wanted, start, end, stride, ma
                         break
             i += 1
     except av.FFmpegError as e:
-        raise ValueError(f"{path}: decoding failed after {i} frame(s) ({e})") from None
+        raise ValueError(f"{path}: decoding failed after {i} frame(s) ({ffmpeg_reason(e)})") from None
     return taken
 
 
@@ -286,5 +293,7 @@ def _decode_image(path: Path) -> np.ndarray:
         with av.open(str(path)) as container:
             frame = next(container.decode(video=0))
             return pixels.to_rgb24(frame)
-    except (av.FFmpegError, StopIteration, IndexError) as e:
-        raise ValueError(f"{path}: not an image FFmpeg can read ({e!r})") from None
+    except av.FFmpegError as e:
+        raise ValueError(f"{path}: not an image FFmpeg can read ({ffmpeg_reason(e)})") from None
+    except (StopIteration, IndexError):
+        raise ValueError(f"{path}: not an image FFmpeg can read (it holds no picture)") from None

@@ -15,6 +15,11 @@ import torch.nn.functional as F
 from .frames import Video, check_frames
 
 
+def hw(h: int, w: int) -> str:
+    """A size as the project writes it everywhere: [H, W], height first, as `size=[H, W]` and run.json's size."""
+    return f"[{h}, {w}]"
+
+
 @dataclass(frozen=True)
 class FitPlan:
     """Resize (h, w) -> `resized`, then centre-crop to `target`; all (height, width) in pixels."""
@@ -31,7 +36,7 @@ class FitPlan:
         """uint8 [F, *source, 3] -> uint8 [F, *target, 3]."""
         if tuple(frames.shape[1:3]) != self.source:
             h, w = self.source
-            raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[1]}, the fit was planned for {w}x{h}")
+            raise ValueError(f"frames are {hw(frames.shape[1], frames.shape[2])}, the fit was planned for {hw(h, w)}")
         if self.resized != self.source:
             frames = _resize(frames, self.resized)
         if self.target != self.resized:
@@ -44,11 +49,11 @@ class FitPlan:
         """What the plan does, in words; None when it does nothing."""
         (h, w), did = self.source, []
         if self.resized != self.source:
-            did.append(f"resized {w}x{h} -> {self.resized[1]}x{self.resized[0]}")
+            did.append(f"resized {hw(h, w)} -> {hw(*self.resized)}")
         if self.target != self.resized:
             did.append(
-                f"centre-cropped to {self.target[1]}x{self.target[0]}" if did
-                else f"centre-cropped {w}x{h} -> {self.target[1]}x{self.target[0]}"
+                f"centre-cropped to {hw(*self.target)}" if did
+                else f"centre-cropped {hw(h, w)} -> {hw(*self.target)}"
             )
         return ", ".join(did) or None
 
@@ -61,7 +66,7 @@ def plan_fit(
         raise ValueError(f"multiple must be a positive int, got {multiple!r}")
     if size is None:
         if h < multiple or w < multiple:
-            raise ValueError(f"{path}: {w}x{h} is smaller than {multiple} px on a side; pass size= to upscale")
+            raise ValueError(f"{path}: {hw(h, w)} is smaller than {multiple} px on a side; pass size= to upscale")
         resized = (h, w)
         target = (h // multiple * multiple, w // multiple * multiple)
     elif isinstance(size, int) and not isinstance(size, bool):

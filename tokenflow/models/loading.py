@@ -150,7 +150,7 @@ def _download(repo_id: str, variant: str | None) -> Path:
             f"could not get '{repo_id}' from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             f"Looked in the cache {constants.HF_HUB_CACHE}. Download it where the hub is reachable "
             f"({_download_command(repo_id, variant)}; huggingface_hub before 0.34 names the command "
-            "huggingface-cli download) and copy the cache, or pass a local path: a diffusers folder "
+            "huggingface-cli download) and copy the cache, or give a local copy as model.source=PATH (--model PATH in the tools): a diffusers folder "
             "or an ldm file such as v2-1_512-ema-pruned.safetensors or v1-5-pruned-emaonly.safetensors. To try the pipeline without weights, "
             "use the random tiny model: model=tiny."
         ) from None

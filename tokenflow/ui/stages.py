@@ -261,8 +261,8 @@ class Workbench:
             shown = evenly_spaced(src.frames.shape[0], SHOWN_FRAMES)
             image = strip({"source": src.frames[shown], "reconstruction": recon[shown]}, shown)
             n, (h, w) = src.frames.shape[0], src.frames.shape[1:3]
-            lines = [f"inverted {n} frames {w}x{h} ({cfg.inversion.steps} inversion steps, {len(src.timesteps)} sampling "
-                     f"steps); the source prompt sampled back: PSNR {psnr(recon, src.frames):.2f} dB"]
+            lines = [f"inverted {n} frames, size [{h}, {w}] (H, W), {cfg.inversion.steps} inversion steps, "
+                     f"{len(src.timesteps)} sampling steps; the source prompt sampled back: PSNR {psnr(recon, src.frames):.2f} dB"]
             return StageResult(_with_warnings(lines, cfg, src.video.warnings + src.warnings), images={"invert": image},
                                frames={"source": src.frames, "reconstruction": recon})
 
@@ -311,7 +311,7 @@ class Workbench:
             fig = nn_field_image(src, source, frame, step=at)
             r = fig.result
             lines = [f"NN field of frame {frame} onto keyframe {source} (step {at}'s keyframes {keyframes}), "
-                     f"{fig.layer} input tokens, {fig.grid[1]}x{fig.grid[0]} grid: RGB warp error {r.warp_error:.1f} "
+                     f"{fig.layer} input tokens, a {list(fig.grid)} (H, W) grid: RGB warp error {r.warp_error:.1f} "
                      f"(not warping: {r.identity_error:.1f}), token cosine {r.recon_cosine:.3f} "
                      f"(same place: {r.identity_cosine:.3f})"]
             return StageResult(_with_warnings(lines, cfg, []), images={"nn_field": fig.image})
@@ -330,7 +330,7 @@ class Workbench:
             progress(None, "reading and encoding the clip")
             with listening(listener):
                 facts = run_edit(cfg, out_dir, models=models)
-            lines = [f"wrote {facts.frames} frames {facts.size[1]}x{facts.size[0]} at {facts.fps:g} fps into {out_dir}"]
+            lines = [f"wrote {facts.frames} frames, size {facts.size} (H, W), at {facts.fps:g} fps into {out_dir}"]
             lines += [f"warning: {w}" for w in facts.warnings]
             files = {**facts.outputs, "run.json": str(out_dir / "run.json")}
             return StageResult("\n".join(lines), files=files, facts=asdict(facts))
