@@ -60,7 +60,7 @@ def build_page(bench: Workbench, first: Form):
     def command_of(*values):
         return checked(values)[1]
 
-    with gr.Blocks(title="TokenFlow") as page:
+    with gr.Blocks(title="TokenFlow", analytics_enabled=False) as page:  # no calls home: it may run offline
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=1):
