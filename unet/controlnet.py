@@ -103,3 +103,20 @@ class ControlNet(nn.Module):
         sample = self.mid_block(sample, temb, context, None)  # [B, C_last, h/8, w/8]
         down = [zero(s) * scale for zero, s in zip(self.controlnet_down_blocks, skips)]
         return ControlResiduals(down, self.controlnet_mid_block(sample) * scale)
+
+
+def config_from_diffusers(d: dict) -> tuple[UNetConfig, int, tuple[int, ...]]:
+    """(encoder config, conditioning channels, embedding widths) from a diffusers ControlNetModel's
+    config.json. Its encoder keys are a UNet2DConditionModel's (without the up blocks, which a
+    ControlNet has none of); the settings that change its outputs' meaning are checked."""
+    name = d.get("_class_name", "ControlNetModel")
+    if name != "ControlNetModel":
+        raise ValueError(f"controlnet config: _class_name {name!r} is not a ControlNetModel")
+    for key, want in (("controlnet_conditioning_channel_order", "rgb"), ("global_pool_conditions", False)):
+        if d.get(key, want) != want:
+            raise ValueError(f"controlnet config: {key}={d[key]!r} is not supported (SD ControlNets: {want!r})")
+    down = list(d.get("down_block_types", []))
+    up = ["CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D" for t in reversed(down)]
+    cfg = UNetConfig.from_diffusers_config({**d, "up_block_types": up})  # the encoder's settings, read as the UNet's
+    widths = tuple(d.get("conditioning_embedding_out_channels", EMBEDDING_CHANNELS))
+    return cfg, int(d.get("conditioning_channels", 3)), widths
