@@ -322,3 +322,24 @@ def test_offline_hub_id_names_the_files_to_fetch(monkeypatch, tmp_path):
             "--include diffusion_pytorch_model.safetensors") in text
     with pytest.raises(ModelNotAvailable, match=re.escape("--include diffusion_pytorch_model.fp16.safetensors")):
         load_controlnet("lllyasviel/control_v11p_sd15_canny", UNetConfig.sd15(), variant="fp16")
+
+
+def test_hub_id_and_hub_file_load_from_the_cache(case, monkeypatch, tmp_path):
+    """A diffusers ControlNet repository (`owner/repo`) and one original file inside a repository
+    (`owner/repo/file.safetensors`, as SD-2.1 ControlNets are published), answered by the cache offline."""
+    from test_hub_cache import write_hub_cache
+
+    cache = isolate_hub_cache(monkeypatch, tmp_path / "hf")
+    write_hub_cache(cache, "tiny-org/controlnet-folder", case["folder"])
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "control_v11p_tiny_canny.safetensors").write_bytes(case["single"].read_bytes())
+    write_hub_cache(cache, "tiny-org/controlnet-files", files)
+    x, ctx, cond = inputs(case["cfg"])
+    with torch.no_grad():
+        down, mid = case["ref_cn"](x, 7, ctx, cond, return_dict=False)
+        for source in ("tiny-org/controlnet-folder", "tiny-org/controlnet-files/control_v11p_tiny_canny.safetensors"):
+            assert max_diff(load_controlnet(source, case["cfg"])(x, 7, ctx, cond), down, mid) <= 1e-5, source
+    with pytest.raises(ModelNotAvailable) as err:
+        load_controlnet("tiny-org/controlnet-files/control_v11p_tiny_depth.safetensors", case["cfg"])
+    assert "hf download tiny-org/controlnet-files control_v11p_tiny_depth.safetensors" in one_line(err)

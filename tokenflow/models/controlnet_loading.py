@@ -3,8 +3,9 @@ strictly, for the UNet it will condition; `build_random_controlnet`: a seeded ra
 
 `source` is a diffusers folder (`config.json` + `diffusion_pytorch_model.safetensors`, as
 `lllyasviel/control_v11p_sd15_canny` is published), an original single `.safetensors` file
-(`control_model.*` keys) or a hub id (only those two files are fetched with huggingface_hub; its
-cache is honoured; offline, one error naming the files to fetch). The walk is the models' (loading.py):
+(`control_model.*` keys), a hub id (only those two files are fetched with huggingface_hub) or one
+original file in a hub repository, `owner/repo/file.safetensors` (as `thibaud/controlnet-sd21` holds
+SD-2.1's). The hub's cache is honoured; offline, one error names the files to fetch. The walk is the models' (loading.py):
 
 1. find the files; 2. read the config and the safetensors header (names and shapes, no weight);
 3. check the ControlNet against the model: the same family (SD-1.x: 1x1-conv projections, 768-wide
@@ -19,6 +20,7 @@ before any weight is read.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +37,9 @@ from .loading import ModelNotAvailable, _looks_like_path, _part, _prefix_summary
 from .presets import KINDS
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
+# One original single file inside a hub repository (how SD-2.x ControlNets are published, several per
+# repository): 'owner/repo/path/in/repo.safetensors', when no such local file exists.
+HUB_FILE = re.compile(r"((?!\.\.?/)[\w.-]+/[\w.-]+)/([\w.-]+(?:/[\w.-]+)*\.safetensors)")
 
 
 def load_controlnet(
@@ -93,9 +98,11 @@ def find_controlnet(source: str, variant: str | None) -> tuple[str, Path, Path |
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path}: expected a diffusers ControlNet folder or an original .safetensors ControlNet file")
         return "single", path, None, str(path)
+    if hub_file := HUB_FILE.fullmatch(source):  # 'owner/repo/control_v11p_sd21_canny.safetensors'
+        return "single", _download_file(hub_file.group(1), hub_file.group(2), source), None, source
     if _looks_like_path(source):
         raise FileNotFoundError(f"{source}: no such file or folder (expected a diffusers ControlNet folder, "
-                                f"an original .safetensors ControlNet file or a hub id)")
+                                f"an original .safetensors ControlNet file, a hub id or a hub id/file.safetensors)")
     root = _download(source, variant)
     return "diffusers", _weights_file(root, WEIGHTS_STEM, variant), _config(root), source
 
@@ -127,6 +134,20 @@ def _download(repo_id: str, variant: str | None) -> Path:
             f"{' and '.join(files)}: download them where the hub is reachable (hf download {shlex.quote(repo_id)} "
             f"{includes}) and copy the cache, or pass a local path: the folder holding them or an original "
             "single .safetensors ControlNet file."
+        ) from None
+
+
+def _download_file(repo_id: str, filename: str, source: str) -> Path:
+    from huggingface_hub import constants, hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as e:  # offline, unknown id or file, network
+        raise ModelNotAvailable(
+            f"{source}: no such local file, and could not get {filename} of '{repo_id}' from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Looked in the cache {constants.HF_HUB_CACHE}. "
+            f"Download it where the hub is reachable (hf download {shlex.quote(repo_id)} {shlex.quote(filename)}) "
+            "and copy the cache, or pass the file's local path."
         ) from None
 
 
