@@ -274,6 +274,9 @@ class RunConfig:
         _require(self.device == "auto" or self.device == "cpu" or self.device == "cuda" or
                  (self.device.startswith("cuda:") and self.device[5:].isdigit()), "device", DEVICES, self.device)
         _one_of("dtype", self.dtype, DTYPES)
+        if self.controlnet.name == "frames" and self.controlnet.checkpoint is None and self.model.source != "random":
+            raise ConfigError("controlnet=frames needs controlnet.checkpoint=...: the ControlNet trained on your control "
+                              "frames (a hub id, folder or file; conf/controlnet/*.yaml name some, e.g. controlnet=sd15_depth)")
 
     @classmethod
     def from_hydra(cls, cfg) -> RunConfig:

@@ -24,6 +24,10 @@ from torch import Tensor
 from .config import ControlNetConfig, RunConfig
 from .media import Video, image_files, read_video
 
+class OpenCVMissing(ValueError):
+    """cv2 cannot be imported (the message says which pip command installs it)."""
+
+
 OPENCV_MISSING = ("controlnet=canny needs OpenCV, which is not installed: pip install opencv-python-headless "
                   "(or use controlnet=frames with edges made elsewhere)")
 
@@ -33,7 +37,7 @@ def canny_edges(frames: Tensor, low: int = 100, high: int = 200) -> Tensor:
     try:
         import cv2
     except ImportError:
-        raise RuntimeError(OPENCV_MISSING) from None
+        raise OpenCVMissing(OPENCV_MISSING) from None
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"canny_edges: frames must be uint8 [n, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
     edges = np.stack([cv2.Canny(np.ascontiguousarray(f), low, high) for f in frames.numpy()])  # [n, H, W] 0 or 255
@@ -123,7 +127,7 @@ def check_conditions(cfg: RunConfig, video: Video) -> ControlClip | None:
         try:
             import cv2  # noqa: F401
         except ImportError:
-            raise RuntimeError(OPENCV_MISSING) from None
+            raise OpenCVMissing(OPENCV_MISSING) from None
     if c.name == "frames":
         return check_control_clip(cfg, video)
     return None
