@@ -136,7 +136,7 @@ CONTROLNET_CONDITIONS = ("none", "canny", "frames")
 # names the kinds. The tiny presets and model.source=random take a seeded random ControlNet instead.
 CONTROLNET_CHECKPOINTS = {
     ("sd1", "canny"): "lllyasviel/control_v11p_sd15_canny",  # diffusers folder
-    ("sd2", "canny"): "thibaud/controlnet-sd21/control_v11p_sd21_canny.safetensors",  # original single file
+    ("sd2", "canny"): "thibaud/controlnet-sd21/control_v11p_sd21_canny.safetensors",  # a community original single file
 }
 
 
