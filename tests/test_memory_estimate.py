@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tools.memory_estimate import FusedAttention, LiveBytes, estimate, main
+from tools.memory_estimate import FusedAttention, LiveBytes, estimate, main, markdown
 from unet.model import UNetConfig
 
 MIB = 2**20
@@ -121,3 +121,19 @@ def test_every_real_model_preset_can_be_estimated():
 
     a, b = estimate(8, size=256, model="sd15"), estimate(8, size=256, model="sd21_base")
     assert 0 < a.total_gib and a.weights_gib < b.weights_gib  # SD-1.5: 859.5M UNet + 123M text vs 865.9M + 340M
+
+
+def test_controlnet_adds_its_weights_and_each_pass_its_forward(small):
+    from tokenflow.models.controlnet_loading import build_random_controlnet
+
+    plain = small[24]
+    with_cn = estimate(24, size=64, keyframe_interval=8, batch_size=4, controlnet=True)
+    net = build_random_controlnet(UNetConfig.sd21_base(), device="meta")
+    cn_bytes = sum(p.numel() for p in net.parameters()) * 2  # float16
+    assert (with_cn.weights_gib - plain.weights_gib) * 2**30 == cn_bytes
+    assert 0.6 < cn_bytes / 2**30 < 0.7  # ~361 M parameters
+    assert with_cn.latents_gib == plain.latents_gib  # the control images stay in host memory
+    assert with_cn.recorded_gib == plain.recorded_gib
+    assert with_cn.keyframe_pass_peak_gib > plain.keyframe_pass_peak_gib
+    assert with_cn.propagation_peak_gib > plain.propagation_peak_gib
+    assert "with ControlNet" in markdown([with_cn], 24, 1.5)

@@ -32,7 +32,9 @@ class ControlNetGuide:
     """The run's ControlNet input: the model, one control image per frame, the scale and the window."""
 
     model: ControlNet
-    conditions: Tensor  # [n, 3, H, W] in [0, 1], one per frame of the edited clip (H, W: 8x the latents')
+    # [n, 3, H, W] in [0, 1], one per frame of the clip (H, W: 8x the latents'); may stay in host memory:
+    # each forward copies its own frames' to the model's device
+    conditions: Tensor
     scale: float = 1.0  # conditioning scale: every residual is multiplied by it
     start: float = 0.0  # guided steps: fractions of the steps run, diffusers' control_guidance_start/end
     end: float = 1.0

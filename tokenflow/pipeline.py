@@ -145,7 +145,7 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
         # 6. edit: Alg. 1 at every denoising step (edit.py)
         with run.stage("editing"):
             guide = None if controlnet is None else ControlNetGuide(
-                controlnet, conditions.to(device), scale=cfg.controlnet.scale, start=cfg.controlnet.guidance_start,
+                controlnet, conditions, scale=cfg.controlnet.scale, start=cfg.controlnet.guidance_start,
                 end=cfg.controlnet.guidance_end)
             edited_latents, record, forwards = _edit(cfg, models, settings, prompts, source_latents, clean, timesteps, shard,
                                                      guide)
