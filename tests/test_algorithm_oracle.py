@@ -119,12 +119,12 @@ def drawn_controlnet(cfg: UNetConfig, seed: int) -> ControlNet:
 
 
 CONTROLNET_CASES = [
-    # mode, method, rule, step, conditioning scale
-    ("tokenflow", "pnp", "paper", 0, 1.0),  # PnP injection and ControlNet together
-    ("tokenflow", "sdedit", "released", 3, 0.7),  # the released rule propagates the source branch too
-    ("fixed_keyframes", "sdedit", "paper", 2, 1.0),
-    ("per_frame", "pnp", "paper", 0, 1.5),
-    ("extended_all", "sdedit", "paper", 1, 1.0),
+    # mode, method, rule, step, conditioning scale, frames per ControlNet forward
+    ("tokenflow", "pnp", "paper", 0, 1.0, None),  # PnP injection and ControlNet together
+    ("tokenflow", "sdedit", "released", 3, 0.7, 3),  # the released rule propagates the source branch too
+    ("fixed_keyframes", "sdedit", "paper", 2, 1.0, 2),
+    ("per_frame", "pnp", "paper", 0, 1.5, None),
+    ("extended_all", "sdedit", "paper", 1, 1.0, 4),  # 11 frames in ControlNet chunks of 4
 ]
 
 
@@ -136,8 +136,8 @@ def controlnet_clip(clip):
     return model, conditions
 
 
-@pytest.mark.parametrize("mode,method,rule,step,scale", CONTROLNET_CASES)
-def test_controlnet_step_equals_the_oracle(clip, controlnet_clip, mode, method, rule, step, scale):
+@pytest.mark.parametrize("mode,method,rule,step,scale,chunk", CONTROLNET_CASES)
+def test_controlnet_step_equals_the_oracle(clip, controlnet_clip, mode, method, rule, step, scale, chunk):
     unet, source, latents, prompts = clip
     model, conditions = controlnet_clip
     schedule = Schedule()
@@ -153,6 +153,6 @@ def test_controlnet_step_equals_the_oracle(clip, controlnet_clip, mode, method, 
         without = oracle_step(unet, schedule, oracle, prompts, latents, source, t, t_prev, keyframes)
         got = denoise_step(unet, schedule, settings, PromptEmbeddings(*prompts), latents, source, t, t_prev,
                            settings.injection(step, STEPS), keyframes,
-                           controlnet=ControlNetGuide(model, conditions, scale=scale))
+                           controlnet=ControlNetGuide(model, conditions, scale=scale, chunk=chunk))
     assert (want - without).abs().max().item() > 1e-2  # the ControlNet changes this step
     assert (got - want).abs().max().item() <= 1e-5

@@ -38,6 +38,7 @@ class ControlNetGuide:
     scale: float = 1.0  # conditioning scale: every residual is multiplied by it
     start: float = 0.0  # guided steps: fractions of the steps run, diffusers' control_guidance_start/end
     end: float = 1.0
+    chunk: int | None = None  # frames per ControlNet forward (memory only: a frame's residuals are its own); None: all
 
     def __post_init__(self):
         if self.conditions.ndim != 4 or self.conditions.shape[1] != 3:
@@ -49,15 +50,24 @@ class ControlNetGuide:
 
     def residuals(self, frames: list[int], latents: Tensor, t: int, negative: Tensor, target: Tensor) -> ControlResiduals:
         """Residuals for one edit forward over `frames` [F], its edited latents [F, 4, h, w] and the two
-        edited branches' prompt embeddings [1, 77, D] -> ControlResiduals of batch 3F, the source third zero."""
+        edited branches' prompt embeddings [1, 77, D] -> ControlResiduals of batch 3F, the source third zero.
+        The ControlNet runs `chunk` frames (2 x chunk images) at a time; each chunk's residuals are written
+        into their rows of the full batch, so only one chunk's activations are alive at once."""
         f = len(frames)
         dtype = self.model.conv_in.weight.dtype
-        x = torch.cat([latents, latents]).to(dtype)  # [2F, 4, h, w]: unconditional | conditional
-        context = torch.cat([negative.expand(f, -1, -1), target.expand(f, -1, -1)]).to(dtype)
-        cond = self.conditions[frames].to(x.device, dtype)  # [F, 3, H, W]
-        edited = self.model(x, t, context, torch.cat([cond, cond]), self.scale)
-
-        def with_source(r: Tensor) -> Tensor:  # [2F, ...] -> [3F, ...], zeros in the source branch
-            return torch.cat([torch.zeros_like(r[:f]), r])
-
-        return ControlResiduals(down=[with_source(r) for r in edited.down], mid=with_source(edited.mid))
+        step = f if self.chunk is None else self.chunk
+        out: list[Tensor] = []  # the 12 skip residuals and the mid one, each [3F, C, h, w]
+        for lo in range(0, f, step):
+            hi = min(lo + step, f)
+            c = hi - lo
+            x = torch.cat([latents[lo:hi], latents[lo:hi]]).to(dtype)  # [2c, 4, h, w]: unconditional | conditional
+            context = torch.cat([negative.expand(c, -1, -1), target.expand(c, -1, -1)]).to(dtype)
+            cond = self.conditions[frames[lo:hi]].to(x.device, dtype)  # [c, 3, H, W]
+            r = self.model(x, t, context, torch.cat([cond, cond]), self.scale)
+            parts = [*r.down, r.mid]
+            if not out:  # zeros everywhere first: the source branch's rows stay zero
+                out = [p.new_zeros((3 * f, *p.shape[1:])) for p in parts]
+            for full, part in zip(out, parts):
+                full[f + lo: f + hi] = part[:c]  # unconditional rows of these frames
+                full[2 * f + lo: 2 * f + hi] = part[c:]  # conditional rows
+        return ControlResiduals(down=out[:-1], mid=out[-1])

@@ -146,7 +146,7 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
         with run.stage("editing"):
             guide = None if controlnet is None else ControlNetGuide(
                 controlnet, conditions, scale=cfg.controlnet.scale, start=cfg.controlnet.guidance_start,
-                end=cfg.controlnet.guidance_end)
+                end=cfg.controlnet.guidance_end, chunk=cfg.tokenflow.batch_size)
             edited_latents, record, forwards = _edit(cfg, models, settings, prompts, source_latents, clean, timesteps, shard,
                                                      guide)
         warnings = warnings + prompt_warnings

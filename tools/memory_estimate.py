@@ -191,7 +191,7 @@ def estimate(
         from tokenflow.models.controlnet_loading import build_random_controlnet
 
         net = build_random_controlnet(unet.config, device="meta", dtype=torch_dtype)
-        guide = ControlNetGuide(net, torch.empty(frames, 3, size, size, device="meta"))
+        guide = ControlNetGuide(net, torch.empty(frames, 3, size, size, device="meta"), chunk=batch_size)
         weights += _bytes(list(net.parameters()))
 
     settings = EditSettings(mode=mode, keyframe_interval=keyframe_interval, batch_size=batch_size, seed=seed)
