@@ -163,6 +163,19 @@ def test_controlnet_source_follows_the_model_kind():
     assert source("model=sd15", "controlnet=canny") == "lllyasviel/control_v11p_sd15_canny"
     assert source("model=sd15", "controlnet=canny", "controlnet.checkpoint=/x/cn") == "/x/cn"
     assert source("model=sd15", "model.source=random", "controlnet=canny") == "random"
+    assert source("controlnet=canny") == "thibaud/controlnet-sd21/control_v11p_sd21_canny.safetensors"  # sd21_base: SD-2.x
+    assert source("model=tiny_sd15", "controlnet=frames", "controlnet.video=x.mp4") == "random"
+
+
+def test_missing_opencv_is_one_line_naming_the_pip_command(tmp_path, clip, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
+    cfg = config(tmp_path, clip, "controlnet=canny", "frames.max=2")
+    monkeypatch.setattr(pipeline, "build_models", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError) as err:
+        run_edit(cfg, tmp_path / "run")
+    assert "pip install opencv-python-headless" in str(err.value) and "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------
