@@ -90,6 +90,17 @@ def test_control_clip_of_the_source_is_selected_and_fitted_like_it(tmp_path, cli
     assert (conditions - inverted).abs().max() <= 2 / 255  # resizing the negative is the negative of resizing, to rounding
 
 
+def test_control_clip_of_the_selected_frames_at_the_sources_size_is_fitted_like_it(tmp_path, clip):
+    cfg = config(tmp_path, clip, "frames.start=2", "frames.max=3")
+    video = load_video(cfg)
+    made = 255 - read_video(clip, start=2, max_frames=3).frames  # the 3 selected frames, 96x64 as decoded
+    control = png_folder(made, tmp_path / "control")
+    cfg = config(tmp_path, clip, "frames.start=2", "frames.max=3", "controlnet=frames", f"controlnet.video={control}")
+    conditions = make_conditions(cfg, video, check_conditions(cfg, video))
+    assert torch.equal(conditions, read_video(control, size=64).frames.permute(0, 3, 1, 2).float() / 255)
+    assert (conditions - (255 - video.frames).permute(0, 3, 1, 2).float() / 255).abs().max() <= 2 / 255
+
+
 def test_control_clip_of_the_selected_frames_at_the_run_size_is_taken_as_is(tmp_path, clip):
     cfg = config(tmp_path, clip, "frames.max=4")
     video = load_video(cfg)
@@ -102,7 +113,8 @@ def test_control_clip_of_the_selected_frames_at_the_run_size_is_taken_as_is(tmp_
 
 @pytest.mark.parametrize("frames,size,message", [
     (4, None, "it has 4 frames; the run edits 3 of the video's 6"),
-    (6, (64, 64), "its frames are 64x64; make them at the video's size 96x64 (one per source frame) or at the run's size"),
+    (6, (128, 128), "its frames are 128x128; make them at the video's size 96x64 or at the run's size 64x64"),
+    (3, (128, 128), "its frames are 128x128; make them at the video's size 96x64 or at the run's size 64x64"),
 ])
 def test_a_control_clip_of_another_count_or_size_is_one_line_before_the_models(tmp_path, clip, monkeypatch, frames, size, message):
     source = read_video(clip, max_frames=frames, size=size if size else "keep")

@@ -4,11 +4,11 @@
   thresholds controlnet.low_threshold / high_threshold), repeated to 3 channels: 1 on an edge, 0 off it.
   That is the image canny ControlNets were trained on (white edges on black).
 - `controlnet=frames controlnet.video=PATH`: precomputed control frames (depth, soft edge, pose maps made
-  with any tool), a video or an image folder. They are picked and fitted exactly like the source: the
-  clip holds either one frame per source frame (the run's frames.* selection picks from it and its
-  frames are fitted to the run's size by the same rule, so it must be the source's size) or exactly the
-  selected frames already at the run's size (taken as they are). Anything else is one line, said by
-  `check_control_clip` before the models load.
+  with any tool), a video or an image folder, lined up with the source exactly. Its frame count says
+  which frames it holds: one per source frame (the run's frames.* selection picks from it) or exactly
+  the selected frames (taken in order). Its size says how it is fitted: the source's size (fitted to
+  the run's size by the same rule as the source, so the same crop) or already the run's size (kept).
+  Anything else is one line, said by `check_control_clip` before the models load.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ class ControlClip:
     """What `check_control_clip` found: how to read the control frames so they line up with the source."""
 
     path: Path
-    select: bool  # True: one frame per source frame (select with frames.*, fit like the source); False: take all as they are
+    select: bool  # one frame per source frame: pick with frames.* (else: exactly the selected frames, all taken)
+    fit: bool  # at the source's size: fit like the source (else: at the run's size, kept)
 
 
 def _clip_facts(path: Path) -> tuple[int, tuple[int, int]]:
@@ -91,27 +92,22 @@ def check_control_clip(cfg: RunConfig, video: Video) -> ControlClip:
     def size(h_w):
         return f"{h_w[1]}x{h_w[0]}"
 
-    if total == source_total and hw == source_hw:
-        return ControlClip(path, select=True)
-    if total == n and hw == run_hw:
-        return ControlClip(path, select=False)
-    if total in (source_total, n):
+    if total not in (source_total, n):
+        raise ValueError(f"{key}={path}: it has {total} frames; the run edits {n} of the video's {source_total} "
+                         f"(give one control frame per source frame, or exactly the {n} selected ones)")
+    if hw not in (source_hw, run_hw):
         raise ValueError(f"{key}={path}: its frames are {size(hw)}; make them at the video's size {size(source_hw)} "
-                         f"(one per source frame) or at the run's size {size(run_hw)} (one per selected frame)")
-    raise ValueError(f"{key}={path}: it has {total} frames; the run edits {n} of the video's {source_total} "
-                     f"(give one control frame per source frame, or exactly the {n} selected ones)")
+                         f"or at the run's size {size(run_hw)}")
+    return ControlClip(path, select=total == source_total, fit=hw == source_hw)
 
 
 def read_control_frames(cfg: RunConfig, video: Video, clip: ControlClip) -> Tensor:
     """The control frames as uint8 [n, H, W, 3], row i beside the source's row i."""
     from .inputs import frame_size
 
-    if clip.select:
-        sel = cfg.frames
-        control = read_video(clip.path, start=sel.start, end=sel.end, stride=sel.stride, max_frames=sel.max,
-                             size=frame_size(cfg)[0])
-    else:
-        control = read_video(clip.path)
+    sel = cfg.frames
+    pick = dict(start=sel.start, end=sel.end, stride=sel.stride, max_frames=sel.max) if clip.select else {}
+    control = read_video(clip.path, **pick, **({"size": frame_size(cfg)[0]} if clip.fit else {}))
     frames = control.frames
     if frames.shape != video.frames.shape:  # the checks above make this unreachable for well-formed clips
         raise ValueError(f"controlnet.video={clip.path}: read {tuple(frames.shape)}, the source's frames are "
