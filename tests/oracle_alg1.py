@@ -12,7 +12,10 @@ none of tokenflow/controls.py, propagation.py or edit.py, and no vectorised shor
 - the NN field (Eq. 5) is a loop over tokens, each taking the argmax of its cosine similarity to
   every token of the keyframe;
 - Eq. 6-7 per frame from the printed formulas (paper rule), or from the released rule's groups;
-- classifier-free guidance uncond + s (cond - uncond), then the DDIM (eta = 0) step.
+- classifier-free guidance uncond + s (cond - uncond), then the DDIM (eta = 0) step;
+- ControlNet (optional): for each edited branch and each frame of a UNet call, the ControlNet run on
+  that one frame's latents, its branch's prompt and its own control image; the source branch's
+  residuals are zeros (it is the original video, as without ControlNet).
 
 Batch layout of every UNet call: [source | unconditional | conditional], F frames each.
 """
@@ -156,8 +159,32 @@ class OracleControl(UNetControl):
         return h
 
 
+@dataclass
+class OracleControlNet:
+    model: object  # unet.controlnet.ControlNet
+    conditions: Tensor  # [n, 3, H, W], one control image per frame
+    scale: float = 1.0
+
+
+def oracle_residuals(cn: OracleControlNet, frames: list[int], latents: Tensor, prompts, t: int):
+    """Residuals of one UNet call over `frames`, branch-major [source | uncond | cond], one ControlNet
+    call per edited branch and frame; zeros for the source branch."""
+    from unet.control import ControlResiduals
+
+    per_branch = []
+    for branch in (1, 2):  # unconditional (negative prompt), conditional (target prompt)
+        for i in frames:
+            per_branch.append(cn.model(latents[i:i + 1], t, prompts[branch], cn.conditions[i:i + 1], cn.scale))
+    f = len(frames)
+    down = [torch.cat([torch.zeros_like(per_branch[0].down[k]).expand(f, -1, -1, -1)] + [r.down[k] for r in per_branch])
+            for k in range(len(per_branch[0].down))]
+    mid = torch.cat([torch.zeros_like(per_branch[0].mid).expand(f, -1, -1, -1)] + [r.mid for r in per_branch])
+    return ControlResiduals(down=down, mid=mid)
+
+
 def oracle_step(unet, schedule, s: OracleSettings, prompts: tuple[Tensor, Tensor, Tensor], latents: Tensor,
-                source: Tensor, t: int, t_prev: int, keyframes: list[int] | None) -> Tensor:
+                source: Tensor, t: int, t_prev: int, keyframes: list[int] | None,
+                controlnet: OracleControlNet | None = None) -> Tensor:
     """Alg. 1, one step, for every frame of latents [n, 4, h, w] -> latents at t_prev."""
     n = latents.shape[0]
     all_frames = list(range(n))
@@ -166,7 +193,8 @@ def oracle_step(unet, schedule, s: OracleSettings, prompts: tuple[Tensor, Tensor
         f = len(frames)
         x = torch.cat([source[frames], latents[frames], latents[frames]])
         context = torch.cat([p.expand(f, -1, -1) for p in prompts])  # source, negative, target prompt
-        return unet(x, t, context, control)
+        residuals = None if controlnet is None else oracle_residuals(controlnet, frames, latents, prompts, t)
+        return unet(x, t, context, control, residuals=residuals)
 
     if s.mode in ("tokenflow", "fixed_keyframes"):
         recorded = Recorded()

@@ -9,11 +9,13 @@ the interval, and propagation batches of 4 that do not divide the clip.
 import pytest
 import torch
 
-from oracle_alg1 import OracleSettings, oracle_step
+from oracle_alg1 import OracleControlNet, OracleSettings, oracle_step
 from sampler.schedule import Schedule
+from tokenflow.controlnet_guide import ControlNetGuide
 from tokenflow.edit import EditSettings, PromptEmbeddings, denoise_step
 from tokenflow.keyframes import fixed_keyframes
 from unet import UNet, UNetConfig
+from unet.controlnet import ControlNet
 
 pytestmark = pytest.mark.core
 
@@ -104,3 +106,53 @@ def test_the_oracle_tells_the_cases_apart(clip):
     }
     for name, other in variants.items():
         assert (other - base).abs().max().item() > 1e-3, name
+
+
+def drawn_controlnet(cfg: UNetConfig, seed: int) -> ControlNet:
+    """A ControlNet with every weight drawn, its zero convolutions included (else it would add nothing)."""
+    torch.manual_seed(seed)
+    model = ControlNet(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+CONTROLNET_CASES = [
+    # mode, method, rule, step, conditioning scale, frames per ControlNet forward
+    ("tokenflow", "pnp", "paper", 0, 1.0, None),  # PnP injection and ControlNet together
+    ("tokenflow", "sdedit", "released", 3, 0.7, 3),  # the released rule propagates the source branch too
+    ("fixed_keyframes", "sdedit", "paper", 2, 1.0, 2),
+    ("per_frame", "pnp", "paper", 0, 1.5, None),
+    ("extended_all", "sdedit", "paper", 1, 1.0, 4),  # 11 frames in ControlNet chunks of 4
+]
+
+
+@pytest.fixture(scope="module")
+def controlnet_clip(clip):
+    unet = clip[0]
+    model = drawn_controlnet(unet.config, seed=1)
+    conditions = (torch.rand(N_FRAMES, 3, 64, 64) > 0.8).float()  # an edge-like map per frame, 8x the latents
+    return model, conditions
+
+
+@pytest.mark.parametrize("mode,method,rule,step,scale,chunk", CONTROLNET_CASES)
+def test_controlnet_step_equals_the_oracle(clip, controlnet_clip, mode, method, rule, step, scale, chunk):
+    unet, source, latents, prompts = clip
+    model, conditions = controlnet_clip
+    schedule = Schedule()
+    timesteps = schedule.timesteps(STEPS).tolist()
+    t, t_prev = timesteps[step], timesteps[step + 1]
+    settings = EditSettings(mode=mode, method=method, propagation=rule, keyframe_interval=INTERVAL, batch_size=4)
+    keyframes = {"tokenflow": KEYFRAMES, "fixed_keyframes": fixed_keyframes(N_FRAMES, INTERVAL)}.get(mode)
+    qk, features = injected_layers(settings, step)
+    oracle = OracleSettings(mode=mode, rule=rule, interval=INTERVAL, qk_layers=qk, feature_layers=features)
+    with torch.no_grad():
+        want = oracle_step(unet, schedule, oracle, prompts, latents, source, t, t_prev, keyframes,
+                           controlnet=OracleControlNet(model, conditions, scale))
+        without = oracle_step(unet, schedule, oracle, prompts, latents, source, t, t_prev, keyframes)
+        got = denoise_step(unet, schedule, settings, PromptEmbeddings(*prompts), latents, source, t, t_prev,
+                           settings.injection(step, STEPS), keyframes,
+                           controlnet=ControlNetGuide(model, conditions, scale=scale, chunk=chunk))
+    assert (want - without).abs().max().item() > 1e-2  # the ControlNet changes this step
+    assert (got - want).abs().max().item() <= 1e-5

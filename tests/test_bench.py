@@ -118,3 +118,19 @@ def test_bad_input_is_named(capsys):
     with pytest.raises(SystemExit):
         main(["--dtype", "half"])
     assert "unknown dtype half" in capsys.readouterr().err
+
+
+def test_controlnet_row_compares_with_diffusers_controlnet():
+    (row,) = bench_model("controlnet", "tiny", "float32", "cpu", batch=2, latent=8, repeats=1, warmup=0, memory=False)
+    assert row.model == "controlnet" and row.inputs == "x [2,4,8,8] ctx [2,77,64] cond [2,3,64,64]"
+    assert positive_finite(row.time_ratio)
+    assert row.max_abs_diff < 1e-4 and row.reference_abs_max > 0.01
+
+
+def test_end_to_end_with_controlnet_counts_its_forwards():
+    e2e = run_e2e(frames=3, size=64, extra_overrides=("steps=2", "inversion.steps=4", "controlnet=canny"))
+    assert e2e["controlnet"]["condition"] == "canny"
+    assert e2e["controlnet_frame_forwards"] == e2e["unet_frame_forwards"] > 0
+    report = markdown_report(describe_machine("cpu"), [], e2e)
+    assert (f"ControlNet canny: {e2e['controlnet_frame_forwards']} ControlNet frame-forwards beside "
+            f"{e2e['unet_frame_forwards']} UNet ones)") in report

@@ -112,7 +112,7 @@ class BranchStub(nn.Module):
         self.calls = []
         self.conv_in = nn.Conv2d(4, 4, 1)  # only its dtype is read: the model's dtype
 
-    def forward(self, x, t, context, control=None):
+    def forward(self, x, t, context, control=None, residuals=None):
         self.calls.append({"x": x.clone(), "t": t, "context": context.clone(), "control": control})
         return context.mean(dim=(1, 2))[:, None, None, None].expand_as(x).clone()
 
@@ -337,7 +337,7 @@ def test_pnp_injection_steps_over_an_edit(monkeypatch):
     features for the first 80%, none for SDEdit."""
     seen = []
 
-    def fake_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch=None):
+    def fake_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch=None, **kwargs):
         seen.append((pnp.qk_layers, pnp.feature_layers))
         return latents
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tools.memory_estimate import FusedAttention, LiveBytes, estimate, main
+from tools.memory_estimate import FusedAttention, LiveBytes, estimate, main, markdown
 from unet.model import UNetConfig
 
 MIB = 2**20
@@ -138,3 +138,19 @@ def test_readme_and_docs_quote_the_tools_figure_for_a_40_frame_edit():
             for figure in re.findall(r"40 frames[^.;]*?(\d+(?:\.\d+)?) GiB", page.read_text()):
                 quoted.setdefault(figure, []).append(page.name)
     assert "README.md" in quoted.get(f"{total:.1f}", []) and set(quoted) == {f"{total:.1f}"}, quoted
+
+
+def test_controlnet_adds_its_weights_and_each_pass_its_forward(small):
+    from tokenflow.models.controlnet_loading import build_random_controlnet
+
+    plain = small[24]
+    with_cn = estimate(24, size=64, keyframe_interval=8, batch_size=4, controlnet=True)
+    net = build_random_controlnet(UNetConfig.sd21_base(), device="meta")
+    cn_bytes = sum(p.numel() for p in net.parameters()) * 2  # float16
+    assert (with_cn.weights_gib - plain.weights_gib) * 2**30 == cn_bytes
+    assert 0.6 < cn_bytes / 2**30 < 0.7  # ~361 M parameters
+    assert with_cn.latents_gib == plain.latents_gib  # the control images stay in host memory
+    assert with_cn.recorded_gib == plain.recorded_gib
+    assert with_cn.keyframe_pass_peak_gib > plain.keyframe_pass_peak_gib
+    assert with_cn.propagation_peak_gib > plain.propagation_peak_gib
+    assert "with ControlNet" in markdown([with_cn], 24, 1.5)

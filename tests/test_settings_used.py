@@ -24,7 +24,7 @@ import torch
 
 from tokenflow import controls, edit, outputs, pipeline
 from tokenflow.config import (
-    FramesConfig, InversionConfig, ModelConfig, OutputConfig, PnPConfig, RunConfig, SDEditConfig, TokenFlowConfig,
+    ControlNetConfig, FramesConfig, InversionConfig, ModelConfig, OutputConfig, PnPConfig, RunConfig, SDEditConfig, TokenFlowConfig,
     load_config,
 )
 from tokenflow.device import DeviceError
@@ -39,6 +39,9 @@ HERE = "tests/test_settings_used.py"
 
 def here(name: str) -> str:
     return f"{HERE}::{name}"
+
+
+CN = "tests/test_controlnet_run.py::"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +96,22 @@ KEY_TESTS: dict[str, tuple[str, ...]] = {
     "output.audio": ("tests/test_media_audio.py::test_output_audio_false_drops_the_sound", here("test_bad_output_settings_fail_before_the_models_load")),
     "output.fps": (here("test_output_settings_reach_the_writer"), "tests/test_media_audio.py::test_output_fps_other_than_the_sources_drops_the_sound_and_says_so",
                    here("test_bad_output_settings_fail_before_the_models_load")),
+    "controlnet.name": (CN + "test_pipeline_canny_run_counts_controlnet_forwards_and_scale_zero_changes_nothing",
+                        CN + "test_named_checkpoints_and_defaults"),
+    "controlnet.checkpoint": (CN + "test_controlnet_source_follows_the_model_kind",
+                              CN + "test_controlnet_of_the_other_family_is_one_line_before_any_weights",
+                              CN + "test_missing_checkpoint_offline_names_the_files_to_fetch"),
+    "controlnet.scale": (CN + "test_pipeline_canny_run_counts_controlnet_forwards_and_scale_zero_changes_nothing",
+                         "tests/test_controlnet_values.py::test_scale_zero_is_the_edit_without_controlnet_exactly"),
+    "controlnet.guidance_start": (CN + "test_pipeline_canny_run_counts_controlnet_forwards_and_scale_zero_changes_nothing",
+                                  "tests/test_controlnet_values.py::test_guidance_window_switches_the_controlnet_at_its_steps"),
+    "controlnet.guidance_end": (CN + "test_pipeline_frames_run_on_tiny_sd15_with_sdedit",
+                                "tests/test_controlnet_values.py::test_guidance_window_switches_the_controlnet_at_its_steps"),
+    "controlnet.low_threshold": (CN + "test_canny_conditions_are_the_selected_frames_edges",),
+    "controlnet.high_threshold": (CN + "test_canny_conditions_are_the_selected_frames_edges",),
+    "controlnet.video": (CN + "test_control_clip_of_the_source_is_selected_and_fitted_like_it",
+                         CN + "test_pipeline_frames_run_on_tiny_sd15_with_sdedit",
+                         CN + "test_a_control_clip_of_another_count_or_size_is_one_line_before_the_models"),
     "device": (here("test_device_reaches_the_models"),),
     "dtype": (here("test_dtype_reaches_the_models"),),
     "progress": (here("test_progress_false_prints_no_bar"),),
@@ -108,6 +127,8 @@ ABOUT = {
     "model.name": "the preset (architecture, tokenizer rules); set by model=NAME",
     "method.name": "the editing technique: pnp | sdedit (method=NAME)",
     "method.feature_layers": "PnP's residual-feature injection layers (diffusers paths)",
+    "controlnet.name": "ControlNet's condition: none, canny (edges of each source frame) or frames (controlnet.video); controlnet=NAME",
+    "controlnet.high_threshold": "canny: cv2.Canny's upper hysteresis threshold",
 }
 
 
@@ -117,7 +138,7 @@ def config_leaves() -> list[str]:
         keys = []
         for f in dataclasses.fields(cls):
             sub = {"frames": FramesConfig, "model": ModelConfig, "inversion": InversionConfig,
-                   "tokenflow": TokenFlowConfig, "output": OutputConfig}.get(f.name) if cls is RunConfig else None
+                   "tokenflow": TokenFlowConfig, "output": OutputConfig, "controlnet": ControlNetConfig}.get(f.name) if cls is RunConfig else None
             if cls is RunConfig and f.name == "method":
                 for method in (PnPConfig, SDEditConfig):
                     keys += [k for k in walk(method, "method.") if k not in keys]
@@ -136,7 +157,8 @@ def field_comments() -> dict[str, str]:
     tree = ast.parse(source)
     lines = source.splitlines()
     sections = {"FramesConfig": "frames.", "ModelConfig": "model.", "PnPConfig": "method.", "SDEditConfig": "method.",
-                "InversionConfig": "inversion.", "TokenFlowConfig": "tokenflow.", "OutputConfig": "output.", "RunConfig": ""}
+                "InversionConfig": "inversion.", "TokenFlowConfig": "tokenflow.", "OutputConfig": "output.",
+                "ControlNetConfig": "controlnet.", "RunConfig": ""}
     comments: dict[str, str] = {}
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name in sections:
@@ -262,13 +284,14 @@ def spied_run(cfg: RunConfig, out: Path) -> Record:
         rec.inverted = real["invert_frames"](unet, schedule, clean, prompt, **kwargs)
         return rec.inverted
 
-    def edit_video_latents(unet, schedule, settings, prompts, source_latents, clean, timesteps, watch=None):
-        rec.loop = dict(settings=settings, prompts=prompts, source_latents=source_latents, clean=clean, timesteps=timesteps)
-        return real["edit_video_latents"](unet, schedule, settings, prompts, source_latents, clean, timesteps, watch=watch)
+    def edit_video_latents(unet, schedule, settings, prompts, source_latents, clean, timesteps, watch=None, **kwargs):
+        rec.loop = dict(settings=settings, prompts=prompts, source_latents=source_latents, clean=clean, timesteps=timesteps,
+                        **kwargs)
+        return real["edit_video_latents"](unet, schedule, settings, prompts, source_latents, clean, timesteps, watch=watch, **kwargs)
 
-    def denoise_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch=None):
+    def denoise_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch=None, **kwargs):
         rec.steps.append((latents.clone(), source.clone(), pnp, keyframes))
-        return real_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch)
+        return real_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch, **kwargs)
 
     def keyframe_neighbours(frames, keyframes, weighting, rule, interval):
         rec.neighbours.append((weighting, rule, interval))

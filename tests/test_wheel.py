@@ -32,7 +32,8 @@ def test_wheel_holds_the_product_and_its_settings_only(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == PRODUCT  # no top-level tools/ or conf/ to shadow other projects' packages
-    for needed in ("tokenflow/conf/config.yaml", "tokenflow/conf/experiment/paper.yaml", "tokenflow/media/reading.py",
+    for needed in ("tokenflow/conf/config.yaml", "tokenflow/conf/experiment/paper.yaml", "tokenflow/conf/controlnet/sd15_depth.yaml",
+                   "tokenflow/media/reading.py",
                    "tokenflow/models/presets.py"):
         assert needed in names
 

@@ -6,7 +6,8 @@ result into typed objects, whose `__post_init__` checks every value once, before
 runs. A range error names the override as the user types it (`frames.stride`, `method.strength`).
 
 Groups: `model=NAME` (tokenflow.models.presets: every preset, its weights and native size),
-`method=pnp|sdedit` (the editing technique, each its own dataclass below), `experiment=NAME`.
+`method=pnp|sdedit` (the editing technique, each its own dataclass below), `controlnet=none|canny|frames`
+(ControlNet beside either method; conf/controlnet/*.yaml name checkpoints), `experiment=NAME`.
 """
 
 from __future__ import annotations
@@ -131,6 +132,56 @@ class SDEditConfig:
 
 METHODS = {"pnp": PnPConfig, "sdedit": SDEditConfig}
 
+# controlnet=NAME: where the control frames come from (none: no ControlNet)
+CONTROLNET_CONDITIONS = ("none", "canny", "frames")
+# controlnet.checkpoint=null: the checkpoint for (model kind, condition); tokenflow.models.presets.KINDS
+# names the kinds. The tiny presets and model.source=random take a seeded random ControlNet instead.
+CONTROLNET_CHECKPOINTS = {
+    ("sd1", "canny"): "lllyasviel/control_v11p_sd15_canny",  # diffusers folder
+    ("sd2", "canny"): "thibaud/controlnet-sd21/control_v11p_sd21_canny.safetensors",  # a community original single file
+}
+
+
+@dataclass
+class ControlNetConfig:
+    """ControlNet (Zhang et al. 2023) beside the editing method: control frames steer the edited branches."""
+
+    name: str = "none"  # none | canny (edges of each source frame) | frames (controlnet.video); set by controlnet=NAME
+    checkpoint: Optional[str] = None  # hub id, diffusers folder, .safetensors file or random; null: the model kind's canny one
+    scale: float = 1.0  # conditioning scale: the residuals are multiplied by it (0: the same edit as without)
+    guidance_start: float = 0.0  # ControlNet acts from this fraction of the steps run ...
+    guidance_end: float = 1.0  # ... up to this one
+    low_threshold: int = 100  # canny: cv2.Canny's hysteresis thresholds (0-255 gradient magnitude)
+    high_threshold: int = 200
+    video: Optional[str] = None  # frames: the control frames, a video or an image folder, one per source frame
+
+    def __post_init__(self):
+        _one_of("controlnet", self.name, CONTROLNET_CONDITIONS)
+        _require(self.checkpoint is None or (isinstance(self.checkpoint, str) and self.checkpoint.strip() != ""),
+                 "controlnet.checkpoint", "null, a hub id, a folder, a file or random", self.checkpoint)
+        _require(_is_number(self.scale), "controlnet.scale", "a finite number", self.scale)
+        _fraction("controlnet.guidance_start", self.guidance_start)
+        _fraction("controlnet.guidance_end", self.guidance_end)
+        if self.guidance_start >= self.guidance_end:
+            raise ConfigError(f"controlnet.guidance_start ({self.guidance_start}) must be less than "
+                              f"controlnet.guidance_end ({self.guidance_end})")
+        for key in ("low_threshold", "high_threshold"):
+            value = getattr(self, key)
+            _require(_is_int(value) and 0 <= value <= 1000, f"controlnet.{key}", "an integer in [0, 1000]", value)
+        if self.low_threshold > self.high_threshold:
+            raise ConfigError(f"controlnet.low_threshold ({self.low_threshold}) must not exceed "
+                              f"controlnet.high_threshold ({self.high_threshold})")
+        if self.name == "frames" and (self.video is None or not str(self.video).strip()):
+            raise ConfigError("controlnet=frames needs controlnet.video=PATH: the control frames (a video or an image "
+                              "folder, e.g. depth maps), one per source frame")
+        if self.video is not None and self.name != "frames":
+            raise ConfigError(f"controlnet.video is given but controlnet={self.name}: add controlnet=frames to "
+                              f"condition on its frames")
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
 
 @dataclass
 class InversionConfig:
@@ -201,6 +252,7 @@ class RunConfig:
     guidance_scale: float = 7.5
     model: ModelConfig = field(default_factory=ModelConfig)
     method: Any = field(default_factory=PnPConfig)  # PnPConfig | SDEditConfig (method=pnp|sdedit)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     inversion: InversionConfig = field(default_factory=InversionConfig)
     tokenflow: TokenFlowConfig = field(default_factory=TokenFlowConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -226,6 +278,9 @@ class RunConfig:
                  (self.device.startswith("cuda:") and self.device[5:].isdigit()), "device", DEVICES, self.device)
         _one_of("dtype", self.dtype, DTYPES)
         _positive_int("threads", self.threads, optional=True)
+        if self.controlnet.name == "frames" and self.controlnet.checkpoint is None and self.model.source != "random":
+            raise ConfigError("controlnet=frames needs controlnet.checkpoint=...: the ControlNet trained on your control "
+                              "frames (a hub id, folder or file; conf/controlnet/*.yaml name some, e.g. controlnet=sd15_depth)")
 
     @classmethod
     def from_hydra(cls, cfg) -> RunConfig:

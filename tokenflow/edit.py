@@ -7,7 +7,9 @@ At each denoising step t (Alg. 1):
   3. propagation pass: all frames in batches; each self-attention layer of the edited branches
      outputs Eq. 6 of the recorded tokens through the NN field (Eq. 5) of the original features;
   4. DDIM step of every frame with classifier-free guidance.
-The editing technique (PnP-Diffusion or SDEdit) acts through the same passes (controls.py).
+The editing technique (PnP-Diffusion or SDEdit) acts through the same passes (controls.py); a
+ControlNet (controlnet_guide.py), when given, adds each pass's own frames' residuals to the edited
+branches on the steps of its window.
 Whoever distributes the loop (torchrun's frame shares) or watches it (progress, feature capture,
 counting forwards) does so through one `LoopWatch`, never through the step's own parameters.
 
@@ -28,6 +30,7 @@ from torch import Tensor
 
 from sampler.ddim import classifier_free_guidance, ddim_step, sdedit_start, state_dtype
 from sampler.schedule import Schedule
+from unet.control import ControlResiduals
 from unet.model import UNet
 
 from .config import (
@@ -39,6 +42,7 @@ from .keyframes import fixed_keyframes, random_keyframes
 from .propagation import keyframe_neighbours
 
 if TYPE_CHECKING:
+    from .controlnet_guide import ControlNetGuide
     from .distributed import FrameShard
 
 
@@ -132,6 +136,7 @@ class LoopWatch:
     def __init__(self, shard: FrameShard | None = None):
         self.shard = shard  # distributed.FrameShard under torchrun: this process's frames
         self.unet_frame_forwards = 0  # frames through the UNet (each with its 3 branches), all steps
+        self.controlnet_frame_forwards = 0  # frames through the ControlNet (each with its 2 edited branches)
 
     def own_frames(self, n: int) -> list[int]:
         """The rows this process computes in the propagation / per-frame pass (of n frames)."""
@@ -150,6 +155,10 @@ class LoopWatch:
     def forwarded(self, frames: list[int]) -> None:
         """Once per UNet forward, with the frames it carried."""
         self.unet_frame_forwards += len(frames)
+
+    def controlnet_forwarded(self, frames: list[int]) -> None:
+        """Once per ControlNet forward, with the frames it carried."""
+        self.controlnet_frame_forwards += len(frames)
 
     def step_done(self, step: int, t: int, latents: Tensor) -> None:
         """After each denoising step, with the latents it produced (progress bars tick here; raising
@@ -183,12 +192,14 @@ def edit_start(
 
 def guided_output(
     unet: UNet, edited: Tensor, source: Tensor, t: int, prompts: PromptEmbeddings, control: EditControl, scale: float,
+    *, residuals: ControlResiduals | None = None,
 ) -> Tensor:
-    """One UNet forward over [source | unconditional | conditional] x F frames -> guided output [F, ...]."""
+    """One UNet forward over [source | unconditional | conditional] x F frames -> guided output [F, ...].
+    `residuals`: a ControlNet's, batch 3F in the same branch order (controlnet_guide.py)."""
     f = edited.shape[0]
     x = torch.cat([source, edited, edited]).to(unet.conv_in.weight.dtype)  # [3F, 4, h, w]; float32 state -> model dtype
     context = torch.cat([prompts.source.expand(f, -1, -1), prompts.negative.expand(f, -1, -1), prompts.target.expand(f, -1, -1)])
-    _, uncond, cond = unet(x, t, context.to(x.dtype), control).chunk(3)
+    _, uncond, cond = unet(x, t, context.to(x.dtype), control, residuals=residuals).chunk(3)
     dtype = state_dtype(uncond.dtype)  # guidance (eps arithmetic) in float32, like the DDIM step after it
     return classifier_free_guidance(uncond.to(dtype), cond.to(dtype), scale)
 
@@ -212,18 +223,25 @@ def keyframes_at(settings: EditSettings, n: int, step: int) -> list[int] | None:
 def denoise_step(
     unet: UNet, schedule: Schedule, settings: EditSettings, prompts: PromptEmbeddings, latents: Tensor, source: Tensor,
     t: int, t_prev: int, pnp: PnPInjection, keyframes: list[int] | None, watch: LoopWatch | None = None,
+    *, controlnet: ControlNetGuide | None = None,
 ) -> Tensor:
     """One step of Alg. 1 for every frame of `latents` [n, 4, h, w] (source: the original video's
     x_t, same shape) -> the latents at t_prev. `watch` builds the passes' controls and sees each
     forward; under torchrun it names this process's rows (the others of the result are not set)
-    and fills the keyframes' rows before the keyframe pass."""
+    and fills the keyframes' rows before the keyframe pass. `controlnet` (None: this step has none) gives
+    every forward the residuals of its own frames."""
     watch = LoopWatch() if watch is None else watch
     n = latents.shape[0]
     own = watch.own_frames(n)
 
     def forward(frames: list[int], control: EditControl) -> Tensor:
+        residuals = None
+        if controlnet is not None:
+            watch.controlnet_forwarded(frames)
+            residuals = controlnet.residuals(frames, latents[frames], t, prompts.negative, prompts.target)
         watch.forwarded(frames)
-        return guided_output(unet, latents[frames], source[frames], t, prompts, control, settings.guidance_scale)
+        return guided_output(unet, latents[frames], source[frames], t, prompts, control, settings.guidance_scale,
+                             residuals=residuals)
 
     def denoise(frames: list[int], control: EditControl) -> Tensor:
         return ddim_step(schedule, forward(frames, control), t, t_prev, latents[frames])
@@ -271,14 +289,18 @@ def denoise_step(
 def edit_video_latents(
     unet: UNet, schedule: Schedule, settings: EditSettings, prompts: PromptEmbeddings,
     source_latents: dict[int, Tensor], clean_latents: Tensor, timesteps: list[int], watch: LoopWatch | None = None,
+    *, controlnet: ControlNetGuide | None = None,
 ) -> tuple[Tensor, EditRecord]:
     """Alg. 1 on latents. source_latents: {t: [n, 4, h, w]} the inverted original video at every
     sampling timestep; clean_latents: [n, 4, h, w]. Returns the edited clean latents and a record.
     The latents between steps stay in float32 whatever the UNet's dtype (sampler.ddim.state_dtype).
     `watch` (LoopWatch) drives the steps' passes and sees each step end; under torchrun only its
-    own rows of the result are computed."""
+    own rows of the result are computed. `controlnet` (controlnet_guide.ControlNetGuide) steers the
+    edited branches on the steps of its window (fractions of the steps run here, after SDEdit's start)."""
     watch = LoopWatch() if watch is None else watch
     n = clean_latents.shape[0]
+    if controlnet is not None and controlnet.conditions.shape[0] != n:
+        raise ValueError(f"edit: {controlnet.conditions.shape[0]} control images for {n} frames")
     latents, timesteps = edit_start(settings, schedule, timesteps, source_latents, clean_latents)
     require_inverted(source_latents, timesteps)
     own = watch.own_frames(n)
@@ -291,7 +313,9 @@ def edit_video_latents(
             record.keyframes.append(keyframes)
         pnp = settings.injection(step, len(timesteps))
         source = source_latents[t].to(latents)
-        new = denoise_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch)
+        guide = controlnet if controlnet is not None and controlnet.active(step, len(timesteps)) else None
+        new = denoise_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch,
+                           controlnet=guide)
         if not torch.isfinite(new if len(own) == n else new[own]).all():
             raise FloatingPointError(f"edit: non-finite latents at step {step} (t={t}); try float32 or a lower guidance scale")
         latents = new

@@ -2,8 +2,10 @@
 
 - `register()` stores the schema and the groups in Hydra's ConfigStore: `run_config` (RunConfig with
   every default), `model=NAME` (one option per preset of tokenflow.models.presets, with the global
-  overrides a preset brings, e.g. the tiny models' step counts) and `method=pnp|sdedit` (config.METHODS).
-  conf/config.yaml picks the defaults of the groups; conf/experiment/*.yaml are named override sets.
+  overrides a preset brings, e.g. the tiny models' step counts), `method=pnp|sdedit` (config.METHODS) and
+  `controlnet=none|canny|frames` (config.CONTROLNET_CONDITIONS; conf/controlnet/*.yaml add named
+  checkpoints, e.g. controlnet=sd15_depth). conf/config.yaml picks the defaults of the groups;
+  conf/experiment/*.yaml are named override sets.
 - `${tokenflow_fresh_dir:PATH}` (conf/config.yaml's run and sweep dirs) creates PATH, or PATH-2,
   PATH-3, ... when another run holds it: the folder is made with one atomic mkdir, so two runs
   started in the same second never share one.
@@ -15,9 +17,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import METHODS, RunConfig
+from .config import CONTROLNET_CONDITIONS, METHODS, RunConfig
 
-GROUPS = ("model", "method", "experiment")
+GROUPS = ("model", "method", "controlnet", "experiment")
 
 
 def conf_dir() -> Path:
@@ -30,11 +32,17 @@ def experiment_names() -> list[str]:
     return sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 
 
+def controlnet_names() -> list[str]:
+    """controlnet=NAME: the conditions (none, canny, frames), then conf/controlnet/*.yaml's named checkpoints."""
+    return list(CONTROLNET_CONDITIONS) + sorted(p.stem for p in (conf_dir() / "controlnet").glob("*.yaml"))
+
+
 def group_options(group: str) -> list[str]:
     """The options of a config group, as `group=NAME` takes them."""
     from .models.presets import PRESETS
 
-    return {"model": lambda: list(PRESETS), "method": lambda: list(METHODS), "experiment": experiment_names}[group]()
+    return {"model": lambda: list(PRESETS), "method": lambda: list(METHODS), "controlnet": controlnet_names,
+            "experiment": experiment_names}[group]()
 
 
 _fresh: dict[str, str] = {}
@@ -72,7 +80,7 @@ def register_resolvers() -> None:
 
 
 def register() -> None:
-    """Put the schema, the model presets and the methods into Hydra's ConfigStore (idempotent)."""
+    """Put the schema, the model presets, the methods and the ControlNet conditions into Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import MISSING, OmegaConf
 
@@ -86,6 +94,8 @@ def register() -> None:
     cs.store(name="run_config", node=schema)
     for name, cls in METHODS.items():
         cs.store(group="method", name=name, node=cls)
+    for name in CONTROLNET_CONDITIONS:  # merged into the schema's ControlNetConfig: the other keys keep their defaults
+        cs.store(group="controlnet", name=name, node={"name": name})
     for p in PRESETS.values():
         node = {"model": ModelConfig(name=p.name, source=p.source, native_size=p.native_size), **(p.run_overrides or {})}
         cs.store(group="model", name=p.name, node=node, package="_global_")

@@ -16,6 +16,19 @@ def sample_clip_folder(cfg: RunConfig) -> Path:
     return (default_cache_root() if root is None else Path(root)) / "sample_clip"
 
 
+def frame_size(cfg: RunConfig):
+    """read_video's `size` for the run's frames (and its control frames), with a note when the model names
+    no native size: size=null is the model's native short side, full the input's size (None to the reader)."""
+    size, note = cfg.size, None  # None (the model's native short side), "full", an int (short side) or [H, W]
+    if size is None:
+        size = cfg.model.native_size
+        if size is None:
+            note = f"model {cfg.model.source} names no native_size: keeping the input's size"
+    elif size == "full":
+        size = None  # the input's own size, centre-cropped to multiples of 64
+    return (tuple(size) if isinstance(size, list) else size), note
+
+
 def load_video(cfg: RunConfig) -> Video:
     """The selected frames of cfg's video, fitted to cfg's size (each frame as it is decoded, so
     memory holds run-size frames only)."""
@@ -24,18 +37,11 @@ def load_video(cfg: RunConfig) -> Video:
         from .media.sample_clip import cached_sample_clip
 
         path = cached_sample_clip(sample_clip_folder(cfg))
-    size, note = cfg.size, None  # None (the model's native short side), "full", an int (short side) or [H, W]
-    if size is None:
-        size = cfg.model.native_size
-        if size is None:
-            note = f"model {cfg.model.source} names no native_size: keeping the input's size"
-    elif size == "full":
-        size = None  # the input's own size, centre-cropped to multiples of 64
+    size, note = frame_size(cfg)
     sel = cfg.frames
     folder = Path(path).is_dir()
     video = read_video(path, start=sel.start, end=sel.end, stride=sel.stride, max_frames=sel.max,
-                       fps=sel.folder_fps if folder else None,
-                       size=tuple(size) if isinstance(size, list) else size, audio=cfg.output.audio)
+                       fps=sel.folder_fps if folder else None, size=size, audio=cfg.output.audio)
     if folder:  # images carry no clock: the rate is the setting's, and the user should know it is not the camera's
         video.notes.insert(0, f"{path} is a folder of images, which carry no frame rate: read at {sel.folder_fps:g} fps "
                               f"(frames.folder_fps=N sets another)")

@@ -2,7 +2,10 @@
 
     read -> models -> encode -> prompts -> invert -> edit (Alg. 1, edit.py) -> decode -> write -> report
 
-Each stage is one call into the module that owns it. `RunStages` is the one place that times the
+Each stage is one call into the module that owns it. With `controlnet=canny|frames` the read stage
+also makes the control frames (control_conditions.py), the models stage loads the ControlNet first
+(models/build.py: a ControlNet of the other family fails before any weight is read) and the edit
+takes it as a ControlNetGuide (controlnet_guide.py). `RunStages` is the one place that times the
 stages, measures peak memory and turns Ctrl-C into a line naming the stage; `outputs.py` writes
 everything or nothing. The settings arrive checked (config.RunConfig), so nothing here validates.
 Under torchrun (distributed.py) each process encodes, inverts and edits its share of the frames,
@@ -22,6 +25,8 @@ import torch
 from sampler.ddim import inversion_timesteps
 
 from .config import RunConfig
+from .control_conditions import check_conditions, make_conditions
+from .controlnet_guide import ControlNetGuide
 from .device import cpu_threads, pick_device, pick_dtype
 from .distributed import Ranks, rank_facts, remove_own_run_dir
 from .edit import EditSettings, edit_video_latents
@@ -32,6 +37,7 @@ from .inversion_cache import open_for_run
 from .measure import PeakMemory, Stopwatch
 from .media import from_model_range, to_model_range
 from .models import build_models
+from .models.build import build_controlnet, check_controlnet_fits
 from .outputs import output_fps, staged_outputs, write_outputs, write_run_facts
 from .progress import FrameStepBar, ProgressWatch
 from .prompts import embed_prompts
@@ -106,9 +112,11 @@ def _run_edit(cfg: RunConfig, out_dir: Path, models=None) -> RunFacts | None:
 
 def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, device, dtype, ranks: Ranks | None,
                 run: RunStages, warnings: list[str], models=None) -> RunFacts | None:
-    # 1. read: the selected frames, fitted to the run's size (uint8 [n, H, W, 3])
+    # 1. read: the selected frames, fitted to the run's size (uint8 [n, H, W, 3]); ControlNet's control
+    # frames beside them (float [n, 3, H, W] in [0, 1]; None without ControlNet)
     with run.stage("read_video"):
         video = load_video(cfg)
+        conditions = None if settings is None else make_conditions(cfg, video, check_conditions(cfg, video))
     for line in video.notes + [f"warning: {w}" for w in video.warnings + warnings]:
         say(line)  # once the input reads (a run refused for its input says that only), and the warnings again at the end
     n = video.num_frames
@@ -116,16 +124,20 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
     own = list(range(n)) if shard is None else shard.frames
     run.frames = len(own)
 
-    # 2. models: UNet, VAE, text encoder, tokenizer (tokenflow/models)
+    # 2. models: the ControlNet (checked against the preset before any weight is read), then UNet, VAE,
+    # text encoder, tokenizer (tokenflow/models)
     with run.stage("load_models"):
+        controlnet = None if conditions is None else build_controlnet(cfg.controlnet, cfg.model, device=device, dtype=dtype)
         models = build_models(cfg.model, device=device, dtype=dtype) if models is None else models
         models.unet.set_feed_forward_chunk(cfg.tokenflow.ff_chunk)
+        if controlnet is not None:
+            check_controlnet_fits(controlnet, models.unet, cfg.controlnet, cfg.model)
 
     # 3. encode: VAE posterior means, float32 (the DDIM state)  [len(own), 4, H/8, W/8]
     with run.stage("encode"):
         clean = encode_frames(models.vae, to_model_range(video.frames[own[0]: own[-1] + 1]), cfg.inversion.batch_size)
 
-    edited_latents, record, reused, forwards = clean, None, 0, 0  # reconstruction: the clean latents, decoded
+    edited_latents, record, reused, forwards = clean, None, 0, (0, 0)  # reconstruction: the clean latents, decoded
     if settings is not None:
         # 4. prompts: the inversion (source), negative and target prompts' embeddings
         with run.stage("encode_prompts"):
@@ -138,7 +150,11 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
             source_latents, reused = _invert(cfg, video, models, clean, prompts, timesteps, dtype, shard, run)
         # 6. edit: Alg. 1 at every denoising step (edit.py)
         with run.stage("editing"):
-            edited_latents, record, forwards = _edit(cfg, models, settings, prompts, source_latents, clean, timesteps, shard)
+            guide = None if controlnet is None else ControlNetGuide(
+                controlnet, conditions, scale=cfg.controlnet.scale, start=cfg.controlnet.guidance_start,
+                end=cfg.controlnet.guidance_end, chunk=cfg.tokenflow.batch_size)
+            edited_latents, record, forwards = _edit(cfg, models, settings, prompts, source_latents, clean, timesteps, shard,
+                                                     guide)
         warnings = warnings + prompt_warnings
 
     # 7. decode: the edited latents back to uint8 frames [len(own), H, W, 3]
@@ -152,7 +168,9 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
         mode=cfg.tokenflow.mode, method=cfg.method.name, prompt=cfg.prompt, device=device,
         dtype=str(dtype).replace("torch.", ""), inversion_cache=None if run.cache is None else str(run.cache.dir),
         inversion_frames_reused=reused, warnings=warnings + video.warnings + ([lost_sound] if lost_sound else []),
-        source=asdict(video.source), unet_frame_forwards=forwards, started=run.watch.started, threads=torch.get_num_threads(),
+        source=asdict(video.source), unet_frame_forwards=forwards[0], controlnet_frame_forwards=forwards[1],
+        controlnet=None if controlnet is None else controlnet_facts(cfg), started=run.watch.started,
+        threads=torch.get_num_threads(),
         keyframes_per_step=[] if record is None else record.keyframes, timesteps=[] if record is None else record.timesteps,
     )
     if shard is not None:  # torchrun: every rank's decoded frames to rank 0, which writes; the others are done
@@ -203,8 +221,21 @@ def _invert(cfg: RunConfig, video, models, clean, prompts, timesteps: list[int],
     return latents, reused
 
 
-def _edit(cfg: RunConfig, models, settings: EditSettings, prompts, source_latents, clean, timesteps: list[int], shard):
-    """Alg. 1 with a progress bar -> (edited latents of this process's frames, the loop's record, UNet frame-forwards)."""
+def controlnet_facts(cfg: RunConfig) -> dict:
+    """run.json's `controlnet`: what steered the edit."""
+    from .models.build import controlnet_source
+
+    c = cfg.controlnet
+    facts = {"condition": c.name, "checkpoint": controlnet_source(c, cfg.model), "scale": c.scale,
+             "guidance_start": c.guidance_start, "guidance_end": c.guidance_end}
+    facts.update({"low_threshold": c.low_threshold, "high_threshold": c.high_threshold} if c.name == "canny" else {"video": c.video})
+    return facts
+
+
+def _edit(cfg: RunConfig, models, settings: EditSettings, prompts, source_latents, clean, timesteps: list[int], shard,
+          controlnet: ControlNetGuide | None):
+    """Alg. 1 with a progress bar -> (edited latents of this process's frames, the loop's record,
+    (UNet frame-forwards, ControlNet frame-forwards))."""
     frames = clean.shape[0]
     bar = FrameStepBar(f"editing ({settings.mode}, {settings.method})", frames * len(timesteps), cfg.progress, frames=frames)
     watch = ProgressWatch(bar, frames, shard=shard)
@@ -212,7 +243,8 @@ def _edit(cfg: RunConfig, models, settings: EditSettings, prompts, source_latent
         source_latents, clean = shard.full_source(source_latents), shard.full(clean)
     try:
         latents, record = edit_video_latents(models.unet, models.config.schedule, settings, prompts, source_latents, clean,
-                                             timesteps, watch=watch)
+                                             timesteps, watch=watch, controlnet=controlnet)
     finally:
         bar.close()
-    return (latents if shard is None else shard.own_rows(latents)), record, watch.unet_frame_forwards
+    forwards = (watch.unet_frame_forwards, watch.controlnet_frame_forwards)
+    return (latents if shard is None else shard.own_rows(latents)), record, forwards

@@ -24,6 +24,8 @@ class RunFacts:
     seconds_per_frame: dict[str, float] = field(default_factory=dict)
     keyframes_per_step: list[list[int]] = field(default_factory=list)
     unet_frame_forwards: int = 0  # frames through the UNet while editing (each with its 3 branches), all steps
+    controlnet_frame_forwards: int = 0  # frames through the ControlNet while editing (each with its 2 edited branches)
+    controlnet: dict | None = None  # condition, checkpoint, scale, guidance window (None: no ControlNet)
     timesteps: list[int] = field(default_factory=list)
     inversion_cache: str | None = None
     inversion_frames_reused: int = 0

@@ -28,6 +28,11 @@ frames: the pipeline's VAE stages use that batch size), each above what was live
 VAE's full-resolution activations do not depend on the frame count, only on that batch size, so
 at short clips they, not the edit, set the peak. The VAE's single 512-wide attention head is counted
 as the memory-efficient fused kernel holds it (flash takes heads up to 256 wide only).
+
+`--controlnet`: the edit with a ControlNet of the model's family (tokenflow/controlnet_guide.py): its
+weights join `weights`; the control images stay in host memory (not counted), each pass copies its own
+frames' to the device, and each pass's peak includes that copy, the ControlNet's forward over the pass's
+2F edited images and the residuals it hands the UNet.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from torch.utils._pytree import tree_flatten
 
 from clip_text.model import TextEncoder
 from sampler.schedule import Schedule
+from tokenflow.controlnet_guide import ControlNetGuide
 from tokenflow.controls import KeyframeTokens
 from tokenflow.config import EDIT_MODES as MODES
 from tokenflow.edit import EditSettings, LoopWatch, PromptEmbeddings, denoise_step, keyframes_at
@@ -142,6 +148,7 @@ class Estimate:
     vae_decode_peak_gib: float  # one VAE decode of inversion.batch_size latents
     total_gib: float  # weights + latents + the highest of the peaks
     vae_batch_size: int = 8  # frames per VAE forward (inversion.batch_size)
+    controlnet: bool = False  # with a ControlNet: its weights in weights, its forward in the passes' peaks
 
 
 # --model NAME: every preset of the registry (tokenflow.models.presets) -> its configs and native short side
@@ -166,10 +173,11 @@ def _bytes(tensors) -> int:
 def estimate(
     frames: int, size: int = 512, dtype: str = "float16", mode: str = "tokenflow", keyframe_interval: int = 8,
     batch_size: int = 8, inversion_batch_size: int = 8, ff_chunk: int | None = 16384, seed: int = 0,
-    model: str = "sd21_base",
+    model: str = "sd21_base", controlnet: bool = False,
 ) -> Estimate:
     """Peak device memory of one step of the edit (the loop's largest) for `frames` frames of
-    size x size pixels; PnP injection on (the first steps', which hold the most)."""
+    size x size pixels; PnP injection on (the first steps', which hold the most); `controlnet`: with a
+    ControlNet guiding that step."""
     if frames < 1 or size < 64 or size % 64:
         raise ValueError(f"memory_estimate: frames must be >= 1 and size a multiple of 64, got {frames} and {size}")
     if dtype not in DTYPES:
@@ -178,6 +186,13 @@ def estimate(
     unet, vae, text = _meta_models(torch_dtype, model)
     unet.set_feed_forward_chunk(ff_chunk)
     weights = _bytes([p for m in (unet, vae, text) for p in m.parameters()])
+    guide = None
+    if controlnet:
+        from tokenflow.models.controlnet_loading import build_random_controlnet
+
+        net = build_random_controlnet(unet.config, device="meta", dtype=torch_dtype)
+        guide = ControlNetGuide(net, torch.empty(frames, 3, size, size, device="meta"), chunk=batch_size)
+        weights += _bytes(list(net.parameters()))
 
     settings = EditSettings(mode=mode, keyframe_interval=keyframe_interval, batch_size=batch_size, seed=seed)
     latent = size // 8
@@ -207,10 +222,12 @@ def estimate(
                 tracker.start_phase("extended attention over all frames")
             return super().make_control(n, **kwargs)
 
-    tracker.preexisting([*unet.parameters(), *vae.parameters(), latents, source, clean, emb])
+    held_before = [latents, source, clean]
+    tracker.preexisting([*unet.parameters(), *vae.parameters(), *held_before, emb]
+                        + ([] if guide is None else [guide.conditions, *guide.model.parameters()]))
     with torch.no_grad(), FusedAttention(), tracker:
         new = denoise_step(unet, schedule, settings, prompts, latents, source, 981, 961,
-                           settings.injection(0, 50), keyframes, PhaseWatch())
+                           settings.injection(0, 50), keyframes, PhaseWatch(), controlnet=guide)
         del new
         record_bytes = sum(_bytes([*r.source_inputs.values(), *r.edited_outputs.values()]) for r in recorded)
         recorded.clear()  # the step is over: its tokens are freed
@@ -228,7 +245,7 @@ def estimate(
         tracker.start_phase("vae decode")
         decoded = decode_batch(vae, latents[:b])
         del decoded
-    held = _bytes([latents, source, clean])
+    held = _bytes(held_before)
     peaks = tracker.phase_peaks
     gib = lambda x: x / GIB  # noqa: E731
     largest = max(peaks.values())
@@ -239,6 +256,7 @@ def estimate(
         propagation_peak_gib=gib(peaks.get("propagation pass", 0)),
         inversion_peak_gib=gib(peaks["inversion"]), vae_encode_peak_gib=gib(peaks["vae encode"]),
         vae_decode_peak_gib=gib(peaks["vae decode"]), total_gib=gib(weights + held + largest), vae_batch_size=b,
+        controlnet=controlnet,
     )
 
 
@@ -250,7 +268,9 @@ def markdown(rows: list[Estimate], budget_gib: float, overhead_gib: float) -> st
     lines = [
         f"Estimated device memory, GiB ({r0.dtype}, {r0.size}x{r0.size}, mode {r0.mode}; "
         f"budget {budget_gib:g} GiB with {overhead_gib:g} GiB left for CUDA context and fragmentation; "
-        f"VAE and inversion batches of {r0.vae_batch_size} frames)",
+        f"VAE and inversion batches of {r0.vae_batch_size} frames"
+        + ("; with ControlNet: its weights in weights, each pass's control images and residuals in its peak"
+           if r0.controlnet else "") + ")",
         "",
         "| frames | keyframes | weights | latents | recorded tokens | keyframe pass peak | propagation peak "
         "| inversion peak | VAE encode peak | VAE decode peak | total | fits |",
@@ -299,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inversion-batch-size", type=int, default=8)
     p.add_argument("--ff-chunk", type=_chunk, default=16384,
                    help="tokenflow.ff_chunk: feed-forward tokens per chunk (default as conf/config.yaml; 'null': none)")
+    p.add_argument("--controlnet", action="store_true",
+                   help="with a ControlNet of the model's family on every pass (controlnet=canny|frames)")
     p.add_argument("--budget-gib", type=float, default=24.0)
     p.add_argument("--overhead-gib", type=float, default=1.5)
     p.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
@@ -309,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[memory_estimate] {n} frames ...", file=sys.stderr, flush=True)
         try:
             rows.append(estimate(n, size, args.dtype, args.mode, args.keyframe_interval, args.batch_size,
-                                 args.inversion_batch_size, args.ff_chunk, model=args.model))
+                                 args.inversion_batch_size, args.ff_chunk, model=args.model, controlnet=args.controlnet))
         except ValueError as e:
             p.error(str(e))
     report = markdown(rows, args.budget_gib, args.overhead_gib)

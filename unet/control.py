@@ -13,10 +13,14 @@ call itself and decides, in plain code, what happens (see tokenflow/controls.py)
   is added), e.g. "up_blocks.1.resnets.1"; PnP injects the source's features here.
 
 The base class is plain Stable Diffusion: passing `UNetControl()` gives the same numbers as None.
+
+A ControlNet's output travels the other way, as data: `unet(x, t, context, residuals=r)` with
+`r = controlnet(x, t, context, cond, scale)`, a `ControlResiduals` (see unet/controlnet.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import Tensor
@@ -31,3 +35,18 @@ class UNetControl:
 
     def resnet_residual(self, path: str, h: Tensor) -> Tensor:
         return h
+
+
+@dataclass
+class ControlResiduals:
+    """What a ControlNet adds to the UNet, already multiplied by the conditioning scale.
+
+    down: one tensor per skip connection of the UNet's encoder, in the order the UNet pushes them
+    (conv_in's output first, then each down level's resnets/attentions and its downsample): 12 for
+    SD, shapes [B, C_i, h_i, w_i] equal to the skips'. mid: [B, C_last, h/8, w/8], added to the mid
+    block's output. The UNet adds down[i] to skip i before the decoder reads it.
+    """
+
+    down: list[Tensor]
+    mid: Tensor
+

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attention
-from .control import UNetControl
+from .control import ControlResiduals, UNetControl
 
 SD2_HEAD_DIM = 64  # SD-2.x: 64-channel heads at every level (its ldm config: num_head_channels: 64)
 SD1_HEADS = 8  # SD-1.x: 8 heads at every level whatever the width (its ldm config: num_heads: 8)
@@ -370,6 +370,45 @@ class UpLevel(nn.Module):
         return x
 
 
+# ----------------------------------------------------------------------------- the encoder, shared
+
+
+def down_levels(cfg: UNetConfig, temb: int) -> nn.ModuleList:
+    """`down_blocks`: the encoder's levels, as the UNet and a ControlNet (its trainable copy) both build them."""
+    ch, n_levels = cfg.block_out_channels, len(cfg.block_out_channels)
+    return nn.ModuleList(
+        DownLevel(ch[max(i - 1, 0)], ch[i], temb, cfg.heads[i], cfg.attention_levels[i], i < n_levels - 1, cfg)
+        for i in range(n_levels)
+    )
+
+
+def encoder_skip_channels(cfg: UNetConfig) -> list[int]:
+    """Channel count of every skip connection, in the order the encoder pushes them: conv_in's
+    output, then per level `layers_per_block` resnet(+attention) outputs and, except at the last
+    level, the downsample's (SD: 320 x3, 640 x3, 1280 x3, 1280 x3: 12 skips)."""
+    ch = cfg.block_out_channels
+    skips = [ch[0]]
+    for i, c in enumerate(ch):
+        skips += [c] * cfg.layers_per_block + ([c] if i < len(ch) - 1 else [])
+    return skips
+
+
+def check_inputs(cfg: UNetConfig, x: Tensor, t: Tensor | int | float, context: Tensor, who: str = "unet") -> Tensor:
+    """x [B, in_channels, h, w] and context [B, tokens, cross_attention_dim] checked; t as [B]."""
+    if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+        raise ValueError(f"{who}: x must be [B, {cfg.in_channels}, h, w], got {tuple(x.shape)}")
+    if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.cross_attention_dim:
+        raise ValueError(
+            f"{who}: context must be [{x.shape[0]}, tokens, {cfg.cross_attention_dim}], got {tuple(context.shape)}"
+        )
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"{who}: t must be a scalar or [{x.shape[0]}], got shape {tuple(t.shape)}")
+    return t
+
+
 # ----------------------------------------------------------------------------- the network
 
 
@@ -383,15 +422,8 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
 
-        self.down_blocks = nn.ModuleList()
-        skip_channels = [ch[0]]  # channel count of every skip, in the order they are pushed
-        for i in range(n_levels):
-            last = i == n_levels - 1
-            self.down_blocks.append(
-                DownLevel(ch[max(i - 1, 0)], ch[i], temb, cfg.heads[i], cfg.attention_levels[i], not last, cfg)
-            )
-            skip_channels += [ch[i]] * cfg.layers_per_block + ([] if last else [ch[i]])
-
+        self.down_blocks = down_levels(cfg, temb)
+        skip_channels = encoder_skip_channels(cfg)
         self.mid_block = MidLevel(ch[-1], temb, cfg.heads[-1], cfg)
 
         self.up_blocks = nn.ModuleList()
@@ -420,21 +452,15 @@ class UNet(nn.Module):
             if isinstance(module, FeedForward):
                 module.chunk = tokens
 
-    def forward(self, x: Tensor, t: Tensor | int | float, context: Tensor, control: UNetControl | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor | int | float, context: Tensor, control: UNetControl | None = None,
+        residuals: ControlResiduals | None = None,
+    ) -> Tensor:
         """x: noisy latents [B, 4, h, w]; t: a scalar or one timestep per sample; context: text
-        embeddings [B, 77, cross_attention_dim]. Returns the model output (eps or v) shaped like x."""
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"unet: x must be [B, {self.config.in_channels}, h, w], got {tuple(x.shape)}")
-        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != self.config.cross_attention_dim:
-            raise ValueError(
-                f"unet: context must be [{x.shape[0]}, tokens, {self.config.cross_attention_dim}], got {tuple(context.shape)}"
-            )
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"unet: t must be a scalar or [{x.shape[0]}], got shape {tuple(t.shape)}")
-
+        embeddings [B, 77, cross_attention_dim]; residuals: a ControlNet's output for this x (added
+        to the skip connections and the mid block's output; None: plain SD). Returns the model
+        output (eps or v) shaped like x."""
+        t = check_inputs(self.config, x, t, context)
         temb = self.time_embedding(t, x.dtype)
         h = self.conv_in(x)
         skips = [h]
@@ -442,6 +468,8 @@ class UNet(nn.Module):
             h, pushed = block(h, temb, context, control)
             skips += pushed
         h = self.mid_block(h, temb, context, control)
+        if residuals is not None:  # where the ControlNet paper adds its zero convolutions' outputs
+            skips, h = self._add_residuals(skips, h, residuals)
         for block in self.up_blocks:
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]
@@ -449,3 +477,14 @@ class UNet(nn.Module):
             h = block(h, mine, temb, context, control, skips[-1].shape[-2:] if skips else None)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
+    @staticmethod
+    def _add_residuals(skips: list[Tensor], mid: Tensor, residuals: ControlResiduals) -> tuple[list[Tensor], Tensor]:
+        """skip_i + down_i for every skip connection, mid + mid residual; shapes must agree exactly."""
+        if len(residuals.down) != len(skips):
+            raise ValueError(f"unet: {len(residuals.down)} control residuals for {len(skips)} skip connections")
+        for i, (s, r) in enumerate(zip(skips, residuals.down)):
+            if r.shape != s.shape:
+                raise ValueError(f"unet: control residual {i} is {tuple(r.shape)}, its skip connection {tuple(s.shape)}")
+        if residuals.mid.shape != mid.shape:
+            raise ValueError(f"unet: mid control residual is {tuple(residuals.mid.shape)}, the mid block's output {tuple(mid.shape)}")
+        return [s + r for s, r in zip(skips, residuals.down)], mid + residuals.mid

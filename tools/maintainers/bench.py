@@ -3,6 +3,8 @@ end-to-end seconds per frame of an edit with the tiny model.
 
     python -m tools.maintainers.bench --parts unet --model sd21_base --repeats 3 --threads 2
     python -m tools.maintainers.bench --parts vae --latent 32           # VAE decode of 32x32 latents, encode of 256x256 images
+    python -m tools.maintainers.bench --parts controlnet --model sd15   # our ControlNet against diffusers' ControlNetModel
+    python -m tools.maintainers.bench --parts none --e2e --e2e-controlnet   # the tiny edit with and without ControlNet (canny)
     python -m tools.maintainers.bench --parts unet,vae,text --dtype float32,bfloat16 --markdown bench.md
     python -m tools.maintainers.bench --parts none --e2e                # only the end-to-end timing (tiny model)
     python -m tools.maintainers.bench --model tiny --parts text --repeats 1 --no-memory   # seconds, no weights, at the test sizes
@@ -17,7 +19,10 @@ What is compared, and how (so a ratio means "same work, different code"):
 - Rows: `unet` (one forward: latents [B, 4, L, L], t = 981, text context [B, 77, 1024]);
   `vae.encode` (images [B, 3, 8L, 8L] -> posterior mean and log-variance) and `vae.decode`
   (latents [B, 4, L, L] -> images), timed separately because a 512x512 encode+decode is heavy on a
-  CPU (pass --latent 32 for 256x256 images); `text` (token ids [B, 77] -> [B, 77, 1024]).
+  CPU (pass --latent 32 for 256x256 images); `text` (token ids [B, 77] -> [B, 77, 1024]);
+  `controlnet` (one forward of a ControlNet for the preset's UNet against diffusers' ControlNetModel at
+  the same config: latents [B, 4, L, L], t, text context, condition image [B, 3, 8L, 8L] -> the 12 skip
+  residuals and the mid one).
 - Time: `warmup` untimed forwards of each, then `repeats` timed forwards alternating ours and the
   reference (and which goes first), under torch.inference_mode, each timed by tokenflow.measure's
   Stopwatch (which waits for the GPU's queued work before and after). Reported: the median seconds of each and ours/reference of the medians (< 1: ours is
@@ -39,6 +44,7 @@ never imports them).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -65,7 +71,7 @@ from vae.keys import normalise_diffusers_keys
 from vae.model import VAE, VAEConfig
 
 REPO = Path(__file__).resolve().parents[2]
-MODELS = ("unet", "vae", "text")
+MODELS = ("unet", "vae", "text", "controlnet")
 CONFIGS = tuple(PRESETS)  # --model NAME: the configs benchmarked are the preset's (tokenflow.models.presets)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TIMESTEP = 981  # the first of SD's 50 sampling steps; any value costs the same
@@ -171,7 +177,30 @@ def text_pair(config: str, dtype: torch.dtype, device: str, seed: int = 0) -> Pa
                    "transformers CLIPTextModel", ignore=TEXT_IGNORED)
 
 
-PAIRS = {"unet": unet_pair, "vae": vae_pair, "text": text_pair}
+def controlnet_pair(config: str, dtype: torch.dtype, device: str, seed: int = 0) -> Pair:
+    from unet.controlnet import ControlNet, config_from_diffusers
+
+    diffusers = require("diffusers")
+    cfg = PRESETS[config].unet()
+    torch.manual_seed(seed)
+    ref = diffusers.ControlNetModel(
+        in_channels=cfg.in_channels, block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels),
+        attention_head_dim=list(cfg.heads), cross_attention_dim=cfg.cross_attention_dim,
+        use_linear_projection=cfg.use_linear_projection, norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
+        upcast_attention=cfg.upcast_attention, conditioning_channels=3,
+    )
+    read_back = config_from_diffusers(dict(ref.config))[0]
+    _check_same_config(cfg, dataclasses.replace(read_back, sample_size=cfg.sample_size, out_channels=cfg.out_channels),
+                       "ControlNet")
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():  # the zero convolutions drawn (trained ones are not zero), so the residuals compare real work
+        for conv in [*ref.controlnet_down_blocks, ref.controlnet_mid_block, ref.controlnet_cond_embedding.conv_out]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.02)
+    return _finish(ref, ControlNet, cfg, lambda r: dict(r.state_dict()), dtype, device, seed, "diffusers ControlNetModel")
+
+
+PAIRS = {"unet": unet_pair, "vae": vae_pair, "text": text_pair, "controlnet": controlnet_pair}
 
 
 # ----------------------------------------------------------------------------- cases: one forward each
@@ -226,6 +255,20 @@ def make_cases(model: str, pair: Pair, batch: int, latent: int, dtype: torch.dty
             ids[i, 1 : n + 1] = torch.randint(0, min(cfg.vocab_size, 49406), (n,), generator=g)
         ids = ids.to(device)
         return [Case("text", f"ids {_shape(ids)}", lambda: ours(ids), lambda: ref(input_ids=ids).last_hidden_state)]
+    if model == "controlnet":
+        x, ctx = randn(batch, cfg.in_channels, latent, latent), randn(batch, 77, cfg.cross_attention_dim)
+        cond = (torch.rand(batch, 3, 8 * latent, 8 * latent, generator=g) > 0.8).to(device=device, dtype=dtype)
+        t = torch.full((batch,), TIMESTEP, device=device)
+
+        def ours_residuals():
+            r = ours(x, t, ctx, cond, 1.0)
+            return [*r.down, r.mid]
+
+        def ref_residuals():
+            down, mid = ref(x, t, encoder_hidden_states=ctx, controlnet_cond=cond, return_dict=False)
+            return [*down, mid]
+
+        return [Case("controlnet", f"x {_shape(x)} ctx {_shape(ctx)} cond {_shape(cond)}", ours_residuals, ref_residuals)]
     raise ValueError(f"tools.maintainers.bench: unknown model {model!r}; choose from {', '.join(MODELS)}")
 
 
@@ -362,7 +405,7 @@ def bench_model(model: str, config: str = "sd21_base", dtype: str = "float32", d
     threads = torch.get_num_threads()
 
     # Memory first, in fresh processes, before this process holds a copy of the weights.
-    names = {"unet": ["unet"], "vae": ["vae.encode", "vae.decode"], "text": ["text"]}[model]
+    names = {"unet": ["unet"], "vae": ["vae.encode", "vae.decode"], "text": ["text"], "controlnet": ["controlnet"]}[model]
     peaks: dict[tuple[str, str], float] = {}
     if memory:
         for name in names:
@@ -412,6 +455,8 @@ def run_e2e(frames: int = 16, size: int = 128, device: str = "cpu", dtype: str =
         "frames": run["frames"], "size": run["size"], "steps": cfg.steps, "inversion_steps": cfg.inversion.steps,
         "device": run["device"], "dtype": run["dtype"], "timings_s": run["timings_s"],
         "seconds_per_frame": run["seconds_per_frame"], "peak_memory_mb": run["peak_memory_mb"],
+        "unet_frame_forwards": run["unet_frame_forwards"], "controlnet_frame_forwards": run["controlnet_frame_forwards"],
+        "controlnet": run["controlnet"],
     }
 
 
@@ -462,7 +507,10 @@ def markdown_report(machine: dict, rows: list[Row], e2e: dict | None = None) -> 
     if e2e is not None:
         h, w = e2e["size"]
         lines += ["", f"## End to end (tiny model, {e2e['frames']} frames at {h}x{w}, {e2e['steps']} steps, "
-                      f"{e2e['inversion_steps']} inversion steps, {e2e['device']} {e2e['dtype']})", "",
+                      f"{e2e['inversion_steps']} inversion steps, {e2e['device']} {e2e['dtype']}"
+                      + (f", ControlNet {e2e['controlnet']['condition']}: {e2e['controlnet_frame_forwards']} ControlNet "
+                         f"frame-forwards beside {e2e['unet_frame_forwards']} UNet ones" if e2e.get("controlnet") else "")
+                      + ")", "",
                   "| stage | seconds | seconds per frame |", "|---|---|---|"]
         for stage, seconds in e2e["timings_s"].items():
             per = e2e["seconds_per_frame"].get(stage)
@@ -487,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.maintainers.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--parts", default="unet,vae,text",
-                   help="comma list of unet, vae, text; 'none' for only --e2e (default: all three)")
+                   help="comma list of unet, vae, text, controlnet; 'none' for only --e2e (default: unet, vae, text)")
     p.add_argument("--model", choices=CONFIGS, default="sd21_base",
                    help="whose sizes: any preset of tokenflow.models.presets (default sd21_base; random weights either way)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -504,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e", action="store_true", help="also time a tiny-model edit of the sample clip (seconds per frame)")
     p.add_argument("--e2e-frames", type=int, default=16)
     p.add_argument("--e2e-size", type=int, default=128)
+    p.add_argument("--e2e-controlnet", action="store_true", help="the end-to-end edit with controlnet=canny (a random tiny ControlNet)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal: one fresh-process measurement
     args = p.parse_args(argv)
 
@@ -540,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     e2e = None
     if args.e2e:
         print(f"[bench] end to end: tiny model, {args.e2e_frames} frames ...", file=sys.stderr, flush=True)
-        e2e = run_e2e(args.e2e_frames, args.e2e_size, args.device, dtypes[0])
+        e2e = run_e2e(args.e2e_frames, args.e2e_size, args.device, dtypes[0],
+                      ("controlnet=canny",) if args.e2e_controlnet else ())
     # other processes on the machine slow both sides down (and unevenly): say how busy it was
     machine["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     report = markdown_report(machine, rows, e2e)

@@ -3,6 +3,7 @@ SD-1.x preset, the same weights as one ldm file), loaded by `tokenflow.load_mode
 diffusers' UNet and transformers' text encoder; and the peak memory of loading the UNet.
 
     python -m tools.maintainers.check_full_size [--model sd21_base sd15 ...] [--dir /tmp/random-sd] [--keep]
+        [--parts models controlnet]
 
 --model takes every preset of tokenflow.models.presets that has weights; the random-only tiny presets
 have no full size to check.
@@ -21,6 +22,14 @@ forward at 64x64 latents with diffusers' and the text features of two prompts wi
 position_ids included) is written from the folder's tensors by the test-only writers in tests/
 (tests/ldm_writer_*.py), and compared with diffusers' UNet read from the folder. Needs diffusers and
 transformers (the test extras); the product never imports them.
+
+ControlNet (`--parts controlnet`): a random full-size ControlNet of the preset's family written by
+diffusers (`ControlNetModel` with the preset's UNet settings, its zero convolutions drawn non-zero so
+every tensor matters) as a diffusers folder (DIR/NAME/controlnet) and, by the test-only writer
+tests/ldm_writer_controlnet.py, as an original single file (control_model.* keys); each loaded by
+`load_controlnet` and compared with diffusers' ControlNetModel at 64x64 latents (512x512 condition,
+scale 0.8): the 13 residuals' max abs difference. Then the UNet given diffusers' residuals, against
+diffusers' UNet given the same (down_block_additional_residuals / mid_block_additional_residual).
 """
 
 from __future__ import annotations
@@ -86,6 +95,101 @@ with torch.no_grad():
 print(json.dumps({"kind": kind, "unet_max_abs_diff": (ours - want).abs().max().item(), "output_abs_mean": want.abs().mean().item(),
                   "text_max_abs_diff": (ours_text - want_text).abs().max().item()}))
 """
+
+
+COMPARE_CONTROLNET = r"""
+import json, sys, torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from tokenflow.models.checkpoint import assign_strict, read_json, read_safetensors
+from tokenflow.models.controlnet_loading import load_controlnet
+from unet.control import ControlResiduals
+from unet.model import UNet, UNetConfig
+source, folder, root = sys.argv[1:4]  # what load_controlnet reads; the same ControlNet as a diffusers folder; the SD folder
+ucfg = UNetConfig.from_diffusers_config(read_json(root + "/unet/config.json"))
+ours = load_controlnet(source, ucfg)
+torch.manual_seed(0)
+x, ctx, cond = torch.randn(1, 4, 64, 64), torch.randn(1, 77, ucfg.cross_attention_dim), torch.rand(1, 3, 512, 512)
+with torch.no_grad():
+    got = ours(x, 981, ctx, cond, 0.8)
+del ours
+ref = ControlNetModel.from_pretrained(folder).eval()
+with torch.no_grad():
+    down, mid = ref(x, 981, ctx, cond, conditioning_scale=0.8, return_dict=False)
+del ref
+diff = max([(a - b).abs().max().item() for a, b in zip(got.down, down)] + [(got.mid - mid).abs().max().item()])
+out = {"residuals_max_abs_diff": diff, "residual_abs_mean": float(torch.stack([d.abs().mean() for d in down]).mean()),
+       "count": len(got.down) + 1}
+if sys.argv[4] == "unet":
+    f = root + "/unet/diffusion_pytorch_model.safetensors"
+    with torch.device("meta"):
+        unet = UNet(ucfg)
+    unet = assign_strict(unet, read_safetensors(f), source=f).eval()
+    with torch.no_grad():
+        ours_out, plain = unet(x, 981, ctx, residuals=ControlResiduals(list(down), mid)), unet(x, 981, ctx)
+    del unet
+    ref = UNet2DConditionModel.from_pretrained(root, subfolder="unet").eval()
+    with torch.no_grad():
+        want = ref(x, 981, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    out.update(unet_max_abs_diff=(ours_out - want).abs().max().item(), residual_effect=(want - plain).abs().max().item())
+print(json.dumps(out))
+"""
+
+
+def write_random_controlnet(root: Path, preset) -> Path:
+    """A random full-size ControlNet for `preset`'s UNet, as diffusers writes it: root/controlnet."""
+    import torch
+    from diffusers import ControlNetModel
+
+    unet = preset.unet()
+    torch.manual_seed(1)
+    net = ControlNetModel(
+        block_out_channels=unet.block_out_channels, layers_per_block=unet.layers_per_block,
+        attention_head_dim=list(unet.heads), cross_attention_dim=unet.cross_attention_dim,
+        use_linear_projection=unet.use_linear_projection, upcast_attention=unet.upcast_attention,
+    )
+    with torch.no_grad():  # a trained ControlNet's zero convs are not zero: draw them, so they are compared too
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            conv.reset_parameters()
+    net.save_pretrained(root / "controlnet")
+    return root / "controlnet"
+
+
+def write_controlnet_single_file(folder: Path, path: Path, preset) -> Path:
+    """The folder's ControlNet as one original-layout file, by the test-only writer (tests/ldm_writer_controlnet.py)."""
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from ldm_writer_controlnet import diffusers_controlnet_to_ldm
+
+    unet = preset.unet()
+    state = diffusers_controlnet_to_ldm(load_file(folder / "diffusion_pytorch_model.safetensors"),
+                                        len(unet.block_out_channels), unet.layers_per_block, unet.attention_levels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
+
+
+def report_controlnet(model: str, root: Path, preset) -> bool:
+    folder = root / "controlnet"
+    if not (folder / "config.json").is_file():
+        print(f"writing a random full-size {model} ControlNet to {folder} ...", flush=True)
+        write_random_controlnet(root, preset)
+    single = root / "controlnet-single" / f"control_random_{model}.safetensors"
+    if not single.is_file():
+        write_controlnet_single_file(folder, single, preset)
+    ok = True
+    for label, source, with_unet in (("diffusers folder", folder, "unet"), ("original single file", single, "-")):
+        cmp = run(COMPARE_CONTROLNET, source, folder, root, with_unet)
+        line = (f"{model} ControlNet {label}: load_controlnet vs diffusers ControlNetModel at 64x64 latents: "
+                f"{cmp['count']} residuals, max abs diff {cmp['residuals_max_abs_diff']:.2e} "
+                f"(residual mean |x| {cmp['residual_abs_mean']:.3f})")
+        ok &= cmp["residuals_max_abs_diff"] <= 1e-4
+        if "unet_max_abs_diff" in cmp:
+            line += (f"; UNet with diffusers' residuals vs diffusers' UNet with them: {cmp['unet_max_abs_diff']:.2e} "
+                     f"(the residuals move the output by up to {cmp['residual_effect']:.3f})")
+            ok &= cmp["unet_max_abs_diff"] <= 1e-4
+        print(line, flush=True)
+    return ok
 
 
 def write_random_sd2(root: Path, preset) -> Path:
@@ -208,6 +312,9 @@ def main(argv=None) -> int:
     p.add_argument("--dir", type=Path, default=None,
                    help="where to write the random folders, DIR/NAME each, an SD-1.x one's ldm file under ldm/ (default: temp dirs)")
     p.add_argument("--keep", action="store_true", help="keep the folders afterwards")
+    p.add_argument("--parts", nargs="+", choices=["models", "controlnet"], default=["models", "controlnet"],
+                   help="what to check: the models (loading memory, UNet and text parity) and/or a ControlNet of "
+                        "each preset's family (both layouts, and the UNet given its residuals); default both")
     args = p.parse_args(argv)
     ok = True
     for model in args.model:
@@ -218,14 +325,17 @@ def main(argv=None) -> int:
             if not (root / "unet" / "config.json").is_file():
                 print(f"writing a random full-size {model} diffusers folder to {root} ...", flush=True)
                 {"sd1": write_random_sd15, "sd2": write_random_sd2}[preset.kind](root, preset)
-            report_memory(root)
-            ok &= report_compare(f"{model} diffusers folder", root, root)
-            if preset.kind == "sd1":
-                ldm = root / "ldm" / "v1-5-pruned-emaonly.safetensors"
-                if not ldm.is_file():
-                    print(f"writing the same weights as one ldm file {ldm} ...", flush=True)
-                    write_sd15_ldm_file(root, ldm)
-                ok &= report_compare(f"{model} ldm file", ldm, root)
+            if "models" in args.parts:
+                report_memory(root)
+                ok &= report_compare(f"{model} diffusers folder", root, root)
+                if preset.kind == "sd1":
+                    ldm = root / "ldm" / "v1-5-pruned-emaonly.safetensors"
+                    if not ldm.is_file():
+                        print(f"writing the same weights as one ldm file {ldm} ...", flush=True)
+                        write_sd15_ldm_file(root, ldm)
+                    ok &= report_compare(f"{model} ldm file", ldm, root)
+            if "controlnet" in args.parts:
+                ok &= report_controlnet(model, root, preset)
         finally:
             if not args.keep and given is None:
                 shutil.rmtree(root, ignore_errors=True)

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE_VALUE_CHECKS = ["tests/test_intervention_values.py", "tests/test_tokenflow_core.py"]
+CORE_VALUE_CHECKS = ["tests/test_intervention_values.py", "tests/test_tokenflow_core.py", "tests/test_controlnet_values.py"]
 CORE_ORACLE = "tests/test_algorithm_oracle.py"
 
 # (bug, file, the line as it is, the line with the bug)
@@ -83,6 +83,17 @@ MUTANTS = [
  ("PnP q/k injected in the wrong layers (prefix match off)", "tokenflow/controls.py",
   'return any(attn_path.startswith(layer + ".") for layer in self.qk_layers)',
   'return any(attn_path.startswith(layer[:-2]) for layer in self.qk_layers)'),
+ ("ControlNet residuals on the source branch too", "tokenflow/controlnet_guide.py",
+  "                full[f + lo: f + hi] = part[:c]  # unconditional rows of these frames",
+  "                full[lo:hi] = full[f + lo: f + hi] = part[:c]  # unconditional rows of these frames"),
+ ("ControlNet given the batch's first frames' control images", "tokenflow/controlnet_guide.py",
+  "            cond = self.conditions[frames[lo:hi]].to(x.device, dtype)", "            cond = self.conditions[lo:hi].to(x.device, dtype)"),
+ ("ControlNet window starts a step late", "tokenflow/controlnet_guide.py",
+  "        return not (step / n_steps < self.start or (step + 1) / n_steps > self.end)",
+  "        return not ((step - 1) / n_steps < self.start or (step + 1) / n_steps > self.end)"),
+ ("ControlNet's conditional branch given the negative prompt", "tokenflow/controlnet_guide.py",
+  "context = torch.cat([negative.expand(c, -1, -1), target.expand(c, -1, -1)])",
+  "context = torch.cat([negative.expand(c, -1, -1), negative.expand(c, -1, -1)])"),
 ]
 
 
