@@ -50,3 +50,29 @@ def test_refuses_cuda_without_a_gpu_and_a_missing_video(tmp_path, capsys):
         assert "no CUDA device" in capsys.readouterr().err
     assert gpu_check.main([*TINY, "--video", str(tmp_path / "none.mp4")]) == 2
     assert "none.mp4: no such video" in capsys.readouterr().err
+
+
+def test_each_edit_option_runs_the_product_once_with_its_overrides(tmp_path, monkeypatch):
+    import tokenflow.pipeline
+
+    seen = []
+    real_run_edit = tokenflow.pipeline.run_edit
+
+    def run_edit(cfg, out_dir):
+        seen.append(cfg)
+        return real_run_edit(cfg, out_dir)
+
+    monkeypatch.setattr(tokenflow.pipeline, "run_edit", run_edit)
+    args = [*TINY, "--sections", "edit", "--edit", "perframe=tokenflow.mode=per_frame", "--edit", "two=steps=2 seed=3",
+            "--markdown", str(tmp_path / "gpu.md")]
+    assert gpu_check.main(args) == 0
+    assert [(c.tokenflow.mode, c.steps, c.seed) for c in seen] == [("per_frame", 1, 0), ("tokenflow", 2, 3)]
+    table = (tmp_path / "gpu.md").read_text()
+    assert "| edit perframe (4 frames" in table and "| edit two (4 frames" in table
+    assert "unet_frame_forwards 4" in table  # per_frame, 1 step, 4 frames: run.json's count in the total row
+
+
+def test_a_malformed_edit_option_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main([*TINY, "--edit", "nothing"])
+    assert "--edit takes NAME=OVERRIDES" in capsys.readouterr().err

@@ -78,18 +78,26 @@ def edit_overrides(args, video: str) -> list[str]:
             "inversion.cache=false", f"device={args.device}", f"dtype={args.dtype}", "progress=false"]
 
 
-def check_edit(args, rows: list[Row]) -> None:
-    """Section 1: the clip end to end through the product's run_edit."""
+def parse_edit(spec: str) -> tuple[str, list[str]]:
+    """--edit NAME=OVERRIDES: a label and the overrides (space-separated) it adds to section 1's command."""
+    name, _, overrides = spec.partition("=")
+    if not name or not overrides:
+        raise argparse.ArgumentTypeError(f"--edit takes NAME=OVERRIDES (e.g. ddpm50='inversion.method=ddpm'), got {spec!r}")
+    return name, overrides.split()
+
+
+def check_edit(args, rows: list[Row], name: str = "", extra: tuple[str, ...] = ()) -> None:
+    """Section 1: the clip end to end through the product's run_edit (with `extra` overrides, labelled `name`)."""
     from tokenflow.config import load_config
     from tokenflow.media.sample_clip import make_sample_clip
     from tokenflow.pipeline import run_edit
 
-    section = f"edit ({args.frames} frames {args.size}x{args.size} {args.dtype})"
+    section = f"edit{' ' + name if name else ''} ({args.frames} frames {args.size}x{args.size} {args.dtype})"
     with tempfile.TemporaryDirectory() as tmp:
         video = str(args.video)
         if video == SAMPLE:  # rendered at the check's size and length, so nothing is read from outside the clone
             video = str(make_sample_clip(Path(tmp) / "sample.mp4", frames=args.frames, size=args.size))
-        facts = run_edit(load_config(edit_overrides(args, video)), Path(tmp) / "run")
+        facts = run_edit(load_config(edit_overrides(args, video) + list(extra)), Path(tmp) / "run")
     notes = {"read_video": f"{facts.frames} frames {facts.size[1]}x{facts.size[0]}", "load_models": "no download",
              "inversion": f"{args.inversion_steps} steps",
              "editing": f"{args.steps} steps, {len(facts.keyframes_per_step[0]) if facts.keyframes_per_step else 0} "
@@ -97,8 +105,10 @@ def check_edit(args, rows: list[Row]) -> None:
     for stage, seconds in facts.timings_s.items():
         rows.append(Row(section, STAGES.get(stage, stage), seconds, note=notes.get(stage, "")))
     peak = facts.peak_memory_mb.get("cuda_allocated")
-    rows.append(Row(section, "total", sum(facts.timings_s.values()), peak,
-                    note="peak: the run's CUDA allocation (run.json)" if peak is not None else ""))
+    counted = {k: v for k, v in vars(facts).items() if k.endswith("forwards") and v}  # run.json's forward counts
+    rows.append(Row(section, "total", sum(facts.timings_s.values()), peak, " ".join(extra),
+                    ("peak: the run's CUDA allocation (run.json); " if peak is not None else "")
+                    + ", ".join(f"{k} {v}" for k, v in counted.items())))
 
 
 def check_unet_vs_diffusers(args, rows: list[Row], compiled: bool) -> None:
@@ -223,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile sections")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: tracing only, for tests)")
+    p.add_argument("--edit", type=parse_edit, action="append", metavar="NAME=OVERRIDES",
+                   help="section 1 once per --edit, adding these overrides to its command, e.g. "
+                        "--edit ddim500='inversion.steps=500' --edit ddpm50='inversion.method=ddpm' (default: one plain edit)")
     p.add_argument("--sections", default="edit,unet,keyframes,compile")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no new section after this many seconds")
     p.add_argument("--markdown", type=Path, default=None)
@@ -235,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.video}: no such video (--video PATH, or sample: the generated clip)", file=sys.stderr)
         return 2
     wanted = set(args.sections.split(","))
-    sections = [("edit", lambda rows: check_edit(args, rows)),
-                ("unet", lambda rows: check_unet_vs_diffusers(args, rows, compiled=False)),
-                ("keyframes", lambda rows: check_keyframe_pass(args, rows, compiled=False))]
+    edits = args.edit or [("", [])]
+    sections = [("edit", lambda rows, e=e: check_edit(args, rows, *e)) for e in edits] + [
+        ("unet", lambda rows: check_unet_vs_diffusers(args, rows, compiled=False)),
+        ("keyframes", lambda rows: check_keyframe_pass(args, rows, compiled=False))]
     if not args.no_compile and "compile" in wanted:
         sections += [("compile", lambda rows: check_unet_vs_diffusers(args, rows, compiled=True)),
                      ("compile", lambda rows: check_keyframe_pass(args, rows, compiled=True))]
