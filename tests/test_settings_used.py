@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenflow import controls, edit, outputs, pipeline
+from tokenflow import controls, edit, inversion, outputs, pipeline
 from tokenflow.config import (
     FramesConfig, InversionConfig, ModelConfig, OutputConfig, PnPConfig, RunConfig, SDEditConfig, TokenFlowConfig,
     load_config,
@@ -230,7 +230,8 @@ class Record:
 def spied_run(cfg: RunConfig, out: Path) -> Record:
     """run_edit(cfg, out), every stage as it is, with what the stages hand each other recorded."""
     rec = Record()
-    real = {name: getattr(pipeline, name) for name in ("build_models", "invert_frames", "edit_video_latents", "decode_latents")}
+    real = {name: getattr(pipeline, name) for name in ("build_models", "edit_video_latents", "decode_latents")}
+    real["invert_frames"] = inversion.invert_frames  # the DDIM inversion, called by inversion.invert_for_run
     real_step, real_neighbours, real_guidance = edit.denoise_step, edit.keyframe_neighbours, edit.classifier_free_guidance
     real_attention, real_write, real_make_control = controls.attention, outputs.write_video, edit.LoopWatch.make_control
 
@@ -257,13 +258,14 @@ def spied_run(cfg: RunConfig, out: Path) -> Record:
         rec.inverted = real["invert_frames"](unet, schedule, clean, prompt, **kwargs)
         return rec.inverted
 
-    def edit_video_latents(unet, schedule, settings, prompts, source_latents, clean, timesteps, watch=None):
+    def edit_video_latents(unet, schedule, settings, prompts, source_latents, clean, timesteps, watch=None, **kwargs):
         rec.loop = dict(settings=settings, prompts=prompts, source_latents=source_latents, clean=clean, timesteps=timesteps)
-        return real["edit_video_latents"](unet, schedule, settings, prompts, source_latents, clean, timesteps, watch=watch)
+        return real["edit_video_latents"](unet, schedule, settings, prompts, source_latents, clean, timesteps, watch=watch,
+                                          **kwargs)
 
-    def denoise_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch=None):
+    def denoise_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch=None, **kwargs):
         rec.steps.append((latents.clone(), source.clone(), pnp, keyframes))
-        return real_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch)
+        return real_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch, **kwargs)
 
     def keyframe_neighbours(frames, keyframes, weighting, rule, interval):
         rec.neighbours.append((weighting, rule, interval))
@@ -291,9 +293,10 @@ def spied_run(cfg: RunConfig, out: Path) -> Record:
         return real_write(path, frames, fps, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(io.StringIO()) as err:
-        for name, fn in [("build_models", build_models), ("invert_frames", invert_frames),
-                         ("edit_video_latents", edit_video_latents), ("decode_latents", decode_latents)]:
+        for name, fn in [("build_models", build_models), ("edit_video_latents", edit_video_latents),
+                         ("decode_latents", decode_latents)]:
             mp.setattr(pipeline, name, fn)
+        mp.setattr(inversion, "invert_frames", invert_frames)
         mp.setattr(edit, "denoise_step", denoise_step)
         mp.setattr(edit, "keyframe_neighbours", keyframe_neighbours)
         mp.setattr(edit, "classifier_free_guidance", classifier_free_guidance)

@@ -235,6 +235,9 @@ class RunConfig:
         _require(self.device == "auto" or self.device == "cpu" or self.device == "cuda" or
                  (self.device.startswith("cuda:") and self.device[5:].isdigit()), "device", DEVICES, self.device)
         _one_of("dtype", self.dtype, DTYPES)
+        if self.output.reconstruction and self.tokenflow.mode == "reconstruction":
+            raise ConfigError("output.reconstruction=true samples the source back from the inversion, and "
+                              "tokenflow.mode=reconstruction inverts nothing (it is the VAE round trip alone): drop one of them")
         if self.inversion.skip >= self.steps:
             raise ConfigError(f"inversion.skip ({self.inversion.skip}) must be less than steps ({self.steps}): "
                               "it skips the first sampling steps and at least one must run")

@@ -240,8 +240,11 @@ class ShardCache:
     def has(self, i: int) -> bool:
         return self.cache.has(self.frames[i])
 
-    def save(self, i: int, latents: dict) -> Path:
-        return self.cache.save(self.frames[i], latents)
+    def save(self, i: int, latents: dict, noise_maps: dict | None = None) -> Path:
+        return self.cache.save(self.frames[i], latents, noise_maps=noise_maps)
 
     def load(self, i: int, **kw) -> dict:
         return self.cache.load(self.frames[i], **kw)
+
+    def load_noise_maps(self, i: int, **kw) -> dict:
+        return self.cache.load_noise_maps(self.frames[i], **kw)
