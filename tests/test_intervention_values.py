@@ -337,7 +337,7 @@ def test_pnp_injection_steps_over_an_edit(monkeypatch):
     features for the first 80%, none for SDEdit."""
     seen = []
 
-    def fake_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch=None):
+    def fake_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch=None, **kwargs):
         seen.append((pnp.qk_layers, pnp.feature_layers))
         return latents
 
