@@ -271,8 +271,8 @@ def test_reconstruction_is_written_with_its_psnr(clip, tmp_path, method):
     assert 0 < recon < 100 and 0 < vae < 100
     if method == "ddpm":  # exact: the inversion adds nothing to the VAE's error
         assert recon == pytest.approx(vae, abs=0.05)
-    else:  # 3 DDIM steps on a random model: far from exact
-        assert recon < vae - 0.05
+    else:  # 3 DDIM steps on a random model: far from exact (a random VAE's error may land either side of the source)
+        assert abs(recon - vae) > 0.05
     assert "reconstruction" in run["timings_s"]
     plain = run_edit(settings(clip, tmp_path / "cache", f"inversion.method={method}", "inversion.steps=3"), tmp_path / "plain")
     assert plain.reconstruction_psnr_db is None and not (tmp_path / "plain" / "reconstruction.mp4").exists()
