@@ -140,16 +140,26 @@ if __name__ == "__main__":
 
 
 def test_torchrun_ddpm_with_reconstruction_matches_one_process(tmp_path, wolf):
-    """DDPM's per-frame noise does not depend on which rank inverts a frame: two ranks write the same
-    edit and reconstruction as one process, count the same forwards and measure the same PSNRs."""
+    """DDPM's per-frame noise does not depend on which rank inverts a frame: two ranks compute the same
+    noisy versions and maps as one process, count the same forwards and measure the same PSNRs."""
     args = [f"video={wolf}", *OVERRIDES, "frames.max=8", "inversion.method=ddpm", "output.reconstruction=true",
             "inversion.shared_noise=false", "output.png_frames=true", f"inversion.cache_dir={tmp_path / 'cache'}"]
     proc = torchrun(["-m", "tokenflow.cli", *args, "hydra.run.dir=dist"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "tokenflow.cli", *args, "hydra.run.dir=single", "inversion.cache=false"],
+    single = subprocess.run([sys.executable, "-m", "tokenflow.cli", *args[:-1], "hydra.run.dir=single",
+                             f"inversion.cache_dir={tmp_path / 'single_cache'}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert single.returncode == 0, single.stderr[-3000:]
     dist, one = (json.loads((tmp_path / run / "run.json").read_text()) for run in ("dist", "single"))
+    # the same noisy versions and maps, frame by frame, whichever rank inverted the frame
+    from tokenflow.inversion_cache import InversionCache
+
+    caches = [InversionCache(Path(facts["inversion_cache"]).parent, Path(facts["inversion_cache"]).name) for facts in (dist, one)]
+    assert caches[0].dir != caches[1].dir and caches[0].key == caches[1].key
+    for i in range(8):
+        for load in ("load", "load_noise_maps"):
+            a, b = (getattr(c, load)(i) for c in caches)
+            assert list(a) == list(b) and all(torch.equal(a[t], b[t]) for t in a), (i, load)
     for stage in ("inversion", "reconstruction"):  # each frame inverted and sampled back once, by one rank
         assert dist["unet_forwards"][stage] == one["unet_forwards"][stage]
     assert one["unet_forwards"]["reconstruction"]["frame_forwards"] == 8 * 4
