@@ -25,11 +25,13 @@ def test_sweep_prints_psnr_and_forwards_of_each_inversion(clip, capsys):
     schedule = build_random("tiny", seed=0).config.schedule
     ddim6 = len(inversion_timesteps(schedule, 6, schedule.timesteps(3).tolist()))  # the 6-step grid with the 3 sampling steps merged
     assert [r[3] for r in rows] == ["3 + 3", f"{ddim6} + 3", "2 + 2", "4 + 4"]
-    psnr, vae = [float(r[4]) for r in rows], [float(r[5]) for r in rows]
+    psnr, vae, against = [float(r[4]) for r in rows], [float(r[5]) for r in rows], [float(r[6]) for r in rows]
     assert len(set(vae)) == 1 and 5 < vae[0] < 100
     assert psnr[2] == pytest.approx(vae[0], abs=0.05) and psnr[3] == pytest.approx(vae[0], abs=0.05)  # DDPM: exact
     # DDIM on a random model, a few steps: not exact (and a random VAE's error may land either side of the source)
     assert all(abs(p - vae[0]) > 0.05 for p in psnr[:2])
+    # against the VAE round trip: DDPM's decoded frames are the round trip's but for rounding, DDIM's are not
+    assert min(against[2:]) > 40 > 25 > max(against[:2])
 
 
 def test_sweep_rows_match_the_run_level_reconstruction(clip, tmp_path):

@@ -8,7 +8,8 @@ Each row inverts the clip with the source (inversion) prompt, samples it back fr
 (tokenflow.reconstruction: DDIM sampling from x_T on the run's `--steps` grid, unguided, as the
 edit's PnP start; DDPM sampling with the stored maps on its own grid at inversion.source_guidance_scale),
 decodes it and compares with the source frames: PSNR in dB over the clip, beside the VAE round
-trip's (the best any inversion can do through this VAE). Forwards are frames through the UNet per
+trip's (the best any inversion can do through this VAE), and with the VAE round trip itself (the
+inversion's own error, without the VAE's; inf when the frames are the same). Forwards are frames through the UNet per
 frame, each prompt branch counted once. The clip, models and settings are the `tokenflow` command's
 (same flags and key=value overrides), read and encoded once through tokenflow.source.prepare_source;
 nothing is cached (each row inverts afresh, so its forwards are its own). With model=tiny the
@@ -34,6 +35,7 @@ class Row:
     reconstruction_forwards: int
     psnr_db: float
     vae_psnr_db: float  # the VAE round trip's, the same in every row
+    against_vae_db: float  # the reconstruction against the VAE round trip: the inversion's own error (inf: none)
     seconds: float  # inversion and reconstruction of the clip
 
 
@@ -64,7 +66,8 @@ def sweep(overrides: list[str], ddim: list[int], ddpm: list[int], say=print) -> 
     models, clean, batch = src.models, src.clean, base.inversion.batch_size
     schedule = models.config.schedule
     prompts, _ = embed_prompts(models, base, src.device)
-    vae_psnr = round(psnr(from_model_range(decode_latents(models.vae, clean, batch)), src.frames), 3)
+    round_trip = from_model_range(decode_latents(models.vae, clean, batch))
+    vae_psnr = round(psnr(round_trip, src.frames), 3)
     n = clean.shape[0]
     say(f"{n} frames of {src.video.path} at {src.video.height}x{src.video.width}, model {base.model.name}; "
         f"VAE round trip {vae_psnr:.2f} dB")
@@ -86,7 +89,8 @@ def sweep(overrides: list[str], ddim: list[int], ddpm: list[int], say=print) -> 
         seconds = time.perf_counter() - start
         branches = 2 if method == "ddpm" and cfg.inversion.source_guidance_scale != 1 else 1
         row = Row(method, steps, cfg.steps, inversion.unet_frame_forwards * inversion.unet_branches // n,
-                  forwards[0] * branches // n, round(psnr(frames, src.frames), 3), vae_psnr, round(seconds, 1))
+                  forwards[0] * branches // n, round(psnr(frames, src.frames), 3), vae_psnr,
+                  round(psnr(frames, round_trip), 3), round(seconds, 1))
         say(f"{row.method} {row.inversion_steps}: {row.psnr_db:.2f} dB, {row.inversion_forwards} + "
             f"{row.reconstruction_forwards} forwards per frame, {row.seconds:.1f} s")
         rows.append(row)
@@ -96,11 +100,11 @@ def sweep(overrides: list[str], ddim: list[int], ddpm: list[int], say=print) -> 
 def table(rows: list[Row]) -> str:
     """The rows as a Markdown table."""
     lines = ["| inversion | inversion steps | sampling steps | UNet forwards per frame (inversion + reconstruction) "
-             "| reconstruction PSNR (dB) | VAE round trip PSNR (dB) | seconds |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| reconstruction PSNR (dB) | VAE round trip PSNR (dB) | reconstruction against the VAE round trip (dB) | seconds |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r.method.upper()} | {r.inversion_steps} | {r.sampling_steps} | {r.inversion_forwards} + "
-                     f"{r.reconstruction_forwards} | {r.psnr_db:.2f} | {r.vae_psnr_db:.2f} | {r.seconds:.1f} |")
+                     f"{r.reconstruction_forwards} | {r.psnr_db:.2f} | {r.vae_psnr_db:.2f} | {r.against_vae_db:.2f} | {r.seconds:.1f} |")
     return "\n".join(lines)
 
 
