@@ -98,6 +98,10 @@ class Ranks:
         dist.all_gather_object(out, obj)
         return out
 
+    def sum(self, counts: tuple[int, ...]) -> tuple[int, ...]:
+        """Each count summed over the ranks, on every rank (forwards counted per rank)."""
+        return tuple(sum(values) for values in zip(*self.all_gather(tuple(counts))))
+
     def check_mode(self, mode: str) -> None:
         if mode == "extended_all":
             raise ValueError("tokenflow.mode=extended_all attends every frame to every frame at every layer: it cannot be "

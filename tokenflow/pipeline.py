@@ -31,7 +31,7 @@ from .models import build_models
 from .outputs import output_fps, staged_outputs, write_outputs, write_run_facts
 from .progress import FrameStepBar, ProgressWatch
 from .prompts import embed_prompts
-from .reconstruction import RunReconstruction, reconstruct_for_run
+from .reconstruction import reconstruct_for_run
 from .run_facts import RunFacts, unet_forwards
 
 RANDOM_WEIGHTS_WARNING = ("model.source=random: the weights are random (model=tiny and model=tiny_sd15 have no others), so the "
@@ -155,27 +155,17 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
         keyframes_per_step=[] if record is None else record.keyframes, timesteps=[] if record is None else record.timesteps,
         inversion_method=None if inversion is None else inversion.method,
     )
-    recon_errors = None if recon is None else [(recon.error, recon.vae_error)]
+    if recon is not None:  # its PSNRs over the clip (torchrun: every rank's errors, frames to rank 0)
+        facts.reconstruction_psnr_db, facts.vae_round_trip_psnr_db = recon.psnrs(shard)
     if shard is not None:  # torchrun: every rank's decoded frames to rank 0, which writes; the others are done
         facts.ranks = rank_facts(ranks, shard, device, run.watch.timings, reused, run.memory.report())
         facts.inversion_frames_reused = sum(r["inversion_frames_reused"] for r in facts.ranks)
-        counts = ranks.all_gather((forwards, 0 if inversion is None else inversion.unet_frame_forwards,
-                                   0 if recon is None else recon.unet_frame_forwards))
-        forwards, inverted_forwards, recon_forwards = (sum(c[k] for c in counts) for k in range(3))
-        facts.unet_frame_forwards = forwards
-        if inversion is not None:
-            inversion.unet_frame_forwards = inverted_forwards
-        if recon is not None:
-            recon.unet_frame_forwards = recon_forwards
-            recon_errors = ranks.all_gather((recon.error, recon.vae_error))
-            recon.frames = shard.gather_to_root(recon.frames)
+        if inversion is not None:  # forwards of all ranks together
+            facts.unet_frame_forwards, inversion.unet_frame_forwards = ranks.sum((forwards, inversion.unet_frame_forwards))
         edited = shard.gather_to_root(edited)
         if edited is None:
             return None
-    facts.unet_forwards = unet_forwards(inversion, forwards, recon)
-    if recon is not None:
-        facts.reconstruction_psnr_db = RunReconstruction.psnr_db([e for e, _ in recon_errors])
-        facts.vae_round_trip_psnr_db = RunReconstruction.psnr_db([v for _, v in recon_errors])
+    facts.unet_forwards = unet_forwards(inversion, facts.unet_frame_forwards, recon)
 
     # 9. write, 10. report: every output staged, run.json last, all moved into place together
     with run.stage("write", lap=False), staged_outputs(out_dir) as stage:

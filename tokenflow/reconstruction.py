@@ -103,6 +103,17 @@ class RunReconstruction:
         """PSNR (dB, 3 decimals) of summed (squared error, count) shares."""
         return round(psnr_from_error(sum(e for e, _ in errors), sum(c for _, c in errors)), 3)
 
+    def psnrs(self, shard=None) -> tuple[float, float]:
+        """(reconstruction, VAE round trip) PSNR in dB over the clip. Under torchrun (shard: a
+        distributed.FrameShard) every rank calls it: the ranks' errors are added, its frames and
+        forwards become the whole clip's (frames on rank 0 only, None elsewhere)."""
+        errors = [(self.error, self.vae_error)]
+        if shard is not None:
+            errors = shard.ranks.all_gather((self.error, self.vae_error))
+            (self.unet_frame_forwards,) = shard.ranks.sum((self.unet_frame_forwards,))
+            self.frames = shard.gather_to_root(self.frames)
+        return self.psnr_db([e for e, _ in errors]), self.psnr_db([v for _, v in errors])
+
 
 def reconstruct_for_run(cfg, models, inversion: Inversion, prompts, clean: Tensor, frames: Tensor) -> RunReconstruction:
     """The run's reconstruction stage: sample the inversion prompt back from `inversion` (DDPM with

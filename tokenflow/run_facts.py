@@ -22,7 +22,7 @@ class RunFacts:
     timings_s: dict[str, float] = field(default_factory=dict)
     seconds_per_frame: dict[str, float] = field(default_factory=dict)
     keyframes_per_step: list[list[int]] = field(default_factory=list)
-    unet_frame_forwards: int = 0  # frames through the UNet while editing (each with its 3 branches), all steps
+    unet_frame_forwards: int = 0  # frames through the UNet while editing (each with its 3 branches), all steps (torchrun: all ranks)
     # every stage's UNet forwards: {"inversion"|"edit"|"reconstruction": {"frame_forwards": frames through the
     # UNet, "sample_forwards": the same counting each prompt branch of a frame once}}; the inversion's are this
     # run's own (0 when the cache held every frame)
