@@ -1,4 +1,4 @@
-"""DDIM sampling and inversion for the SD-2.1 schedule: pure tensor math, models come in as functions."""
+"""DDIM and DDPM sampling and inversion for the SD-2.1 schedule: pure tensor math, models come in as functions."""
 
 from sampler.schedule import Schedule
 from sampler.ddim import (
@@ -13,6 +13,14 @@ from sampler.ddim import (
     sdedit_start,
     state_dtype,
 )
+from sampler.ddpm import (
+    ddpm_invert,
+    ddpm_noise_map,
+    ddpm_sample,
+    ddpm_step,
+    draw_version_noise,
+    noisy_versions,
+)
 
 __all__ = [
     "Schedule",
@@ -20,8 +28,14 @@ __all__ = [
     "classifier_free_guidance",
     "ddim_inversion_step",
     "ddim_step",
+    "ddpm_invert",
+    "ddpm_noise_map",
+    "ddpm_sample",
+    "ddpm_step",
+    "draw_version_noise",
     "invert",
     "inversion_timesteps",
+    "noisy_versions",
     "predict_x0_and_eps",
     "sample",
     "sdedit_start",

@@ -12,7 +12,10 @@ none of tokenflow/controls.py, propagation.py or edit.py, and no vectorised shor
 - the NN field (Eq. 5) is a loop over tokens, each taking the argmax of its cosine similarity to
   every token of the keyframe;
 - Eq. 6-7 per frame from the printed formulas (paper rule), or from the released rule's groups;
-- classifier-free guidance uncond + s (cond - uncond), then the DDIM (eta = 0) step;
+- classifier-free guidance uncond + s (cond - uncond), then the DDIM (eta = 0) step, or, given a
+  noise map z (edit-friendly DDPM inversion), the DDPM step (DDIM at eta = 1, Song et al. Eq. 12, 16)
+  x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
+  sigma^2 = (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev), each frame with its own row of z;
 - ControlNet (optional): for each edited branch and each frame of a UNet call, the ControlNet run on
   that one frame's latents, its branch's prompt and its own control image; the source branch's
   residuals are zeros (it is the original video, as without ControlNet).
@@ -183,9 +186,10 @@ def oracle_residuals(cn: OracleControlNet, frames: list[int], latents: Tensor, p
 
 
 def oracle_step(unet, schedule, s: OracleSettings, prompts: tuple[Tensor, Tensor, Tensor], latents: Tensor,
-                source: Tensor, t: int, t_prev: int, keyframes: list[int] | None,
+                source: Tensor, t: int, t_prev: int, keyframes: list[int] | None, noise: Tensor | None = None,
                 controlnet: OracleControlNet | None = None) -> Tensor:
-    """Alg. 1, one step, for every frame of latents [n, 4, h, w] -> latents at t_prev."""
+    """Alg. 1, one step, for every frame of latents [n, 4, h, w] -> latents at t_prev; DDIM, or the
+    DDPM step with the noise map `noise` [n, 4, h, w] when given."""
     n = latents.shape[0]
     all_frames = list(range(n))
 
@@ -213,4 +217,7 @@ def oracle_step(unet, schedule, s: OracleSettings, prompts: tuple[Tensor, Tensor
     else:  # v-prediction: the model's output is v = sqrt(a) eps - sqrt(1 - a) x0
         x0 = math.sqrt(a_t) * latents - math.sqrt(1 - a_t) * eps
         eps = math.sqrt(a_t) * eps + math.sqrt(1 - a_t) * latents
-    return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    if noise is None:
+        return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - variance) * eps + math.sqrt(variance) * noise

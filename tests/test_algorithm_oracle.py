@@ -1,5 +1,6 @@
 """The project's denoising step (tokenflow.edit.denoise_step) against an independent oracle of
-Alg. 1 (tests/oracle_alg1.py), in every mode, editing technique and propagation rule.
+Alg. 1 (tests/oracle_alg1.py), in every mode, editing technique and propagation rule, with the DDIM
+step and with the DDPM step of a noise map (edit-friendly DDPM inversion).
 
 The clip: 11 frames, keyframe interval 3, keyframes [1, 4, 7, 9]: a frame before the first
 keyframe (0), after the last (10), frames nearer one side than the other, a last group shorter than
@@ -47,24 +48,34 @@ def injected_layers(settings: EditSettings, step: int) -> tuple[tuple[str, ...],
 
 
 CASES = [
-    # mode, method, rule, weighting, step, prediction type
-    ("tokenflow", "pnp", "paper", "sigmoid", 0, "epsilon"),  # q/k and residual injection
-    ("tokenflow", "pnp", "paper", "sigmoid", 6, "epsilon"),  # residual injection only
-    ("tokenflow", "pnp", "paper", "linear", 9, "epsilon"),  # no injection left
-    ("tokenflow", "sdedit", "paper", "sigmoid", 0, "epsilon"),
-    ("tokenflow", "pnp", "released", "sigmoid", 0, "epsilon"),
-    ("tokenflow", "sdedit", "released", "sigmoid", 3, "epsilon"),
-    ("fixed_keyframes", "pnp", "paper", "sigmoid", 0, "epsilon"),
-    ("per_frame", "pnp", "paper", "sigmoid", 0, "epsilon"),
-    ("per_frame", "sdedit", "paper", "sigmoid", 2, "epsilon"),
-    ("extended_all", "pnp", "paper", "sigmoid", 0, "epsilon"),
-    ("tokenflow", "pnp", "paper", "sigmoid", 0, "v_prediction"),
+    # mode, method, rule, weighting, step, prediction type, sampler step
+    ("tokenflow", "pnp", "paper", "sigmoid", 0, "epsilon", "ddim"),  # q/k and residual injection
+    ("tokenflow", "pnp", "paper", "sigmoid", 6, "epsilon", "ddim"),  # residual injection only
+    ("tokenflow", "pnp", "paper", "linear", 9, "epsilon", "ddim"),  # no injection left
+    ("tokenflow", "sdedit", "paper", "sigmoid", 0, "epsilon", "ddim"),
+    ("tokenflow", "pnp", "released", "sigmoid", 0, "epsilon", "ddim"),
+    ("tokenflow", "sdedit", "released", "sigmoid", 3, "epsilon", "ddim"),
+    ("fixed_keyframes", "pnp", "paper", "sigmoid", 0, "epsilon", "ddim"),
+    ("per_frame", "pnp", "paper", "sigmoid", 0, "epsilon", "ddim"),
+    ("per_frame", "sdedit", "paper", "sigmoid", 2, "epsilon", "ddim"),
+    ("extended_all", "pnp", "paper", "sigmoid", 0, "epsilon", "ddim"),
+    ("tokenflow", "pnp", "paper", "sigmoid", 0, "v_prediction", "ddim"),
+    # the DDPM step: keyframes' steps from the keyframe pass (reuse), propagation batches, each mode
+    ("tokenflow", "pnp", "paper", "sigmoid", 0, "epsilon", "ddpm"),
+    ("tokenflow", "pnp", "paper", "linear", 9, "epsilon", "ddpm"),  # the last step, to final_alpha_cumprod
+    ("tokenflow", "sdedit", "released", "sigmoid", 3, "epsilon", "ddpm"),
+    ("fixed_keyframes", "pnp", "paper", "sigmoid", 6, "epsilon", "ddpm"),
+    ("per_frame", "pnp", "paper", "sigmoid", 0, "epsilon", "ddpm"),
+    ("extended_all", "sdedit", "paper", "sigmoid", 2, "epsilon", "ddpm"),
+    ("tokenflow", "pnp", "paper", "sigmoid", 0, "v_prediction", "ddpm"),
 ]
 
 
-@pytest.mark.parametrize("mode,method,rule,weighting,step,prediction", CASES)
-def test_denoise_step_equals_the_oracle(clip, mode, method, rule, weighting, step, prediction):
+@pytest.mark.parametrize("mode,method,rule,weighting,step,prediction,sampler", CASES)
+def test_denoise_step_equals_the_oracle(clip, mode, method, rule, weighting, step, prediction, sampler):
     unet, source, latents, prompts = clip
+    # a different map per frame: a frame stepped with another frame's row (or none) shows
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(11)) if sampler == "ddpm" else None
     schedule = Schedule(prediction_type=prediction)
     timesteps = schedule.timesteps(STEPS).tolist()
     t = timesteps[step]
@@ -76,11 +87,12 @@ def test_denoise_step_equals_the_oracle(clip, mode, method, rule, weighting, ste
     oracle = OracleSettings(mode=mode, guidance_scale=7.5, weighting=weighting, rule=rule, interval=INTERVAL,
                             qk_layers=qk, feature_layers=features)
     with torch.no_grad():
-        want = oracle_step(unet, schedule, oracle, prompts, latents, source, t, t_prev, keyframes)
+        want = oracle_step(unet, schedule, oracle, prompts, latents, source, t, t_prev, keyframes, noise)
         got = denoise_step(unet, schedule, settings, PromptEmbeddings(*prompts), latents, source, t, t_prev,
-                           settings.injection(step, STEPS), keyframes)
+                           settings.injection(step, STEPS), keyframes, noise=noise)
     assert got.shape == want.shape
-    assert (got - want).abs().max().item() <= 1e-5
+    # float32 rounding, relative to the size of the result (|x_prev| up to ~7.5 here: 1e-5 is 20 ulps)
+    assert (got - want).abs().max().item() <= max(1e-5, 2e-6 * want.abs().max().item())
 
 
 def test_the_oracle_tells_the_cases_apart(clip):
@@ -90,10 +102,10 @@ def test_the_oracle_tells_the_cases_apart(clip):
     t, t_prev = schedule.timesteps(STEPS).tolist()[:2]
     pnp = EditSettings().pnp_qk_layers, EditSettings().pnp_feature_layers
 
-    def run(**kw):
+    def run(noise=None, **kw):
         s = OracleSettings(**{"mode": "tokenflow", "interval": INTERVAL, **kw})
         with torch.no_grad():
-            return oracle_step(unet, schedule, s, prompts, latents, source, t, t_prev, KEYFRAMES)
+            return oracle_step(unet, schedule, s, prompts, latents, source, t, t_prev, KEYFRAMES, noise)
 
     base = run(qk_layers=pnp[0], feature_layers=pnp[1])
     variants = {
@@ -104,8 +116,15 @@ def test_the_oracle_tells_the_cases_apart(clip):
         "guidance 1": run(qk_layers=pnp[0], feature_layers=pnp[1], guidance_scale=1.0),
         "per frame": run(mode="per_frame", qk_layers=pnp[0], feature_layers=pnp[1]),
     }
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(11))
+    ddpm = {
+        "own maps": run(qk_layers=pnp[0], feature_layers=pnp[1], noise=noise),
+        "neighbours' maps": run(qk_layers=pnp[0], feature_layers=pnp[1], noise=noise[torch.arange(N_FRAMES).roll(1)]),
+    }
+    variants["DDPM step"] = ddpm["own maps"]
     for name, other in variants.items():
         assert (other - base).abs().max().item() > 1e-3, name
+    assert (ddpm["neighbours' maps"] - ddpm["own maps"]).abs().max().item() > 1e-3  # a frame stepped with another's map shows
 
 
 def drawn_controlnet(cfg: UNetConfig, seed: int) -> ControlNet:

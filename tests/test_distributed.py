@@ -137,3 +137,41 @@ def test_shards_are_contiguous_and_cover_the_clip():
 
 if __name__ == "__main__":
     worker(*sys.argv[1:])
+
+
+def test_torchrun_ddpm_with_reconstruction_matches_one_process(tmp_path, wolf):
+    """DDPM's per-frame noise does not depend on which rank inverts a frame: two ranks compute the same
+    noisy versions and maps as one process, count the same forwards and measure the same PSNRs."""
+    args = [f"video={wolf}", *OVERRIDES, "frames.max=8", "inversion.method=ddpm", "output.reconstruction=true",
+            "inversion.shared_noise=false", "output.png_frames=true", f"inversion.cache_dir={tmp_path / 'cache'}"]
+    proc = torchrun(["-m", "tokenflow.cli", *args, "hydra.run.dir=dist"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "tokenflow.cli", *args[:-1], "hydra.run.dir=single",
+                             f"inversion.cache_dir={tmp_path / 'single_cache'}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    dist, one = (json.loads((tmp_path / run / "run.json").read_text()) for run in ("dist", "single"))
+    # the same noisy versions and maps, frame by frame, whichever rank inverted the frame
+    from tokenflow.inversion_cache import InversionCache
+
+    caches = [InversionCache(Path(facts["inversion_cache"]).parent, Path(facts["inversion_cache"]).name) for facts in (dist, one)]
+    assert caches[0].dir != caches[1].dir and caches[0].key == caches[1].key
+    for i in range(8):
+        for load in ("load", "load_noise_maps"):
+            a, b = (getattr(c, load)(i) for c in caches)
+            assert list(a) == list(b) and all(torch.equal(a[t], b[t]) for t in a), (i, load)
+    for stage in ("inversion", "reconstruction"):  # each frame inverted and sampled back once, by one rank
+        assert dist["unet_forwards"][stage] == one["unet_forwards"][stage]
+    assert one["unet_forwards"]["reconstruction"]["frame_forwards"] == 8 * 4
+    # the edit: the second rank repeats each step's keyframe pass (1 keyframe in 8 frames, 4 steps)
+    assert dist["unet_forwards"]["edit"]["frame_forwards"] == one["unet_forwards"]["edit"]["frame_forwards"] + 4
+    assert dist["reconstruction_psnr_db"] == pytest.approx(one["reconstruction_psnr_db"], abs=0.01)
+    assert dist["vae_round_trip_psnr_db"] == pytest.approx(one["vae_round_trip_psnr_db"], abs=0.01)
+    from tokenflow.media import read_video
+
+    a, b = (read_video(tmp_path / run / "reconstruction.mp4").frames.int() for run in ("dist", "single"))
+    # the reconstructions agree (their PSNRs above); H.264 may still encode equal frames differently under
+    # torchrun (x264 picks its threads by the process's CPUs): as close as two encodes, not bit for bit
+    from tokenflow.reconstruction import psnr
+
+    assert a.shape == b.shape == (8, 64, 64, 3) and psnr(a.to(torch.uint8), b.to(torch.uint8)) > 30

@@ -246,3 +246,59 @@ def test_cache_by_key_alone_works_without_fields(tmp_path):
     cache.save(0, latents(0, timesteps=(5,)))  # no fields: any timesteps count as whole
     assert cache.has(0) and list(cache.load(0)) == [5]
     assert json.loads((cache.dir / "meta.json").read_text()) == {"key": "manual-key", "fields": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# DDPM inversions: noisy versions and noise maps in one file, keyed apart from DDIM
+
+DDPM = {"noise_seed": 0, "shared_noise": True, "source_guidance_scale": 1.0, "negative_prompt": None}
+
+
+def test_ddpm_key_never_meets_a_ddim_key_and_follows_each_setting():
+    ddim = cache_key(**FIELDS)
+    ddpm = cache_key(**FIELDS, ddpm=DDPM)
+    assert ddpm != ddim
+    assert "ddpm" not in key_fields(**FIELDS)  # a DDIM key's fields are as they always were
+    keys = {ddim, ddpm}
+    for name, value in [("noise_seed", 1), ("shared_noise", False), ("source_guidance_scale", 3.5), ("negative_prompt", "blurry")]:
+        key = cache_key(**FIELDS, ddpm={**DDPM, name: value})
+        assert key not in keys, f"changing {name} did not change the key"
+        keys.add(key)
+    with pytest.raises(ValueError, match="ddpm"):
+        cache_key(**FIELDS, ddpm={})
+
+
+def test_ddpm_frame_holds_latents_and_maps_exactly(tmp_path):
+    cache = InversionCache.for_run(tmp_path, **FIELDS, ddpm=DDPM)
+    xs, zs = latents(0), latents(1)
+    cache.save(2, xs, noise_maps=zs)
+    assert cache.has(2) and files(cache.dir) == ["frame_00002.safetensors", "meta.json"]
+    loaded, maps = cache.load(2), cache.load_noise_maps(2)
+    assert list(loaded) == list(maps) == [1, 961, 981]
+    assert all(torch.equal(loaded[t], xs[t]) and torch.equal(maps[t], zs[t]) for t in xs)
+    with safe_open(str(cache.frame_path(2)), framework="pt") as f:
+        assert sorted(f.keys()) == ["t1", "t961", "t981", "z1", "z961", "z981"]
+
+
+def test_ddpm_frame_without_every_map_is_missing_and_kinds_are_not_mixed(tmp_path):
+    ddpm = InversionCache.for_run(tmp_path, **FIELDS, ddpm=DDPM)
+    ddim = InversionCache.for_run(tmp_path, **FIELDS)
+    with pytest.raises(ValueError, match="DDPM inversion cache needs noise maps"):
+        ddpm.save(0, latents(0))
+    with pytest.raises(ValueError, match="DDIM inversion cache holds no noise maps"):
+        ddim.save(0, latents(0), noise_maps=latents(1))
+    with pytest.raises(ValueError, match="latents' timesteps"):
+        ddpm.save(0, latents(0), noise_maps=latents(1, timesteps=(981, 961)))
+    assert not ddpm.frame_path(0).exists() and not ddim.frame_path(0).exists()
+    # a file with a map missing (written by other code, or another key's copied in) counts as missing
+    from safetensors.torch import save_file
+
+    ddpm.dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"t{t}": x for t, x in latents(0).items()} | {"z981": torch.zeros(4, 8, 8), "z961": torch.zeros(4, 8, 8)}
+    save_file(tensors, str(ddpm.frame_path(1)), metadata={"key": ddpm.key, "frame": "1"})
+    with pytest.warns(UserWarning, match=r"lacks kept noise map\(s\) \[1\]"):
+        assert not ddpm.has(1)
+    ddim.save(3, latents(3))
+    ddpm.frame_path(3).write_bytes(ddim.frame_path(3).read_bytes())  # a DDIM frame copied into the DDPM cache
+    with pytest.warns(UserWarning, match="belongs to cache key"):
+        assert not ddpm.has(3)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenflow import controls, edit, outputs, pipeline
+from tokenflow import controls, edit, inversion, outputs, pipeline
 from tokenflow.config import (
     ControlNetConfig, FramesConfig, InversionConfig, ModelConfig, OutputConfig, PnPConfig, RunConfig, SDEditConfig, TokenFlowConfig,
     load_config,
@@ -74,7 +74,15 @@ KEY_TESTS: dict[str, tuple[str, ...]] = {
     "method.qk_layers": (here("test_pnp_injection_follows_its_fractions_and_layers"), "tests/test_intervention_values.py::test_pnp_replaces_qk_and_residuals_of_the_edited_branches_only"),
     "method.feature_layers": (here("test_pnp_injection_follows_its_fractions_and_layers"), "tests/test_intervention_values.py::test_pnp_replaces_qk_and_residuals_of_the_edited_branches_only"),
     "method.strength": (here("test_sdedit_runs_its_strength_of_the_steps_without_injection"), "tests/test_intervention_values.py::test_sdedit_start_shares_one_noise_map_at_the_strengths_timestep"),
+    "inversion.method": ("tests/test_ddpm_run.py::test_ddpm_runs_in_every_technique_and_mode", "tests/test_ddpm_run.py::test_ddim_run_passes_no_noise_maps",
+                         "tests/test_ddpm_run.py::test_ddpm_cache_is_reused_only_for_the_same_maps"),
     "inversion.steps": (here("test_inversion_cache_is_reused_only_for_the_same_inversion"),),
+    "inversion.skip": ("tests/test_ddpm_run.py::test_skip_starts_later_and_inverts_only_the_steps_run",),
+    "inversion.source_guidance_scale": ("tests/test_ddpm_run.py::test_forwards_counted_as_the_settings_imply", "tests/test_ddpm_run.py::test_ddpm_cache_is_reused_only_for_the_same_maps",
+                                        "tests/test_ddpm_run.py::test_sampling_with_the_maps_returns_the_clean_latents", "tests/test_ddpm_run.py::test_guided_maps_are_keyed_by_the_negative_prompt"),
+    "inversion.noise_seed": ("tests/test_ddpm_run.py::test_ddpm_cache_is_reused_only_for_the_same_maps", "tests/test_ddpm_run.py::test_each_frames_noise_depends_on_seed_frame_and_timestep_only"),
+    "inversion.shared_noise": ("tests/test_ddpm_run.py::test_ddpm_cache_is_reused_only_for_the_same_maps", "tests/test_ddpm_run.py::test_each_frames_noise_depends_on_seed_frame_and_timestep_only",
+                               "tests/test_ddpm_run.py::test_maps_do_not_depend_on_the_batch_or_the_frames_inverted_together"),
     "inversion.batch_size": (here("test_inversion_batch_size_is_the_inversions_forward_batch"),),
     "inversion.cache": (here("test_inversion_cache_false_and_cache_dir"),),
     "inversion.cache_dir": (here("test_inversion_cache_false_and_cache_dir"), "tests/test_pipeline.py::test_sample_clip_is_rendered_once_into_the_cache"),
@@ -112,6 +120,7 @@ KEY_TESTS: dict[str, tuple[str, ...]] = {
     "controlnet.video": (CN + "test_control_clip_of_the_source_is_selected_and_fitted_like_it",
                          CN + "test_pipeline_frames_run_on_tiny_sd15_with_sdedit",
                          CN + "test_a_control_clip_of_another_count_or_size_is_one_line_before_the_models"),
+    "output.reconstruction": ("tests/test_ddpm_run.py::test_reconstruction_is_written_with_its_psnr", "tests/test_ddpm_run.py::test_forwards_counted_as_the_settings_imply"),
     "device": (here("test_device_reaches_the_models"),),
     "dtype": (here("test_dtype_reaches_the_models"),),
     "progress": (here("test_progress_false_prints_no_bar"),),
@@ -256,7 +265,8 @@ class Record:
 def spied_run(cfg: RunConfig, out: Path) -> Record:
     """run_edit(cfg, out), every stage as it is, with what the stages hand each other recorded."""
     rec = Record()
-    real = {name: getattr(pipeline, name) for name in ("build_models", "invert_frames", "edit_video_latents", "decode_latents")}
+    real = {name: getattr(pipeline, name) for name in ("build_models", "edit_video_latents", "decode_latents")}
+    real["invert_frames"] = inversion.invert_frames  # the DDIM inversion, called by inversion.invert_for_run
     real_step, real_neighbours, real_guidance = edit.denoise_step, edit.keyframe_neighbours, edit.classifier_free_guidance
     real_attention, real_write, real_make_control = controls.attention, outputs.write_video, edit.LoopWatch.make_control
 
@@ -319,9 +329,10 @@ def spied_run(cfg: RunConfig, out: Path) -> Record:
         return real_write(path, frames, fps, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(io.StringIO()) as err:
-        for name, fn in [("build_models", build_models), ("invert_frames", invert_frames),
-                         ("edit_video_latents", edit_video_latents), ("decode_latents", decode_latents)]:
+        for name, fn in [("build_models", build_models), ("edit_video_latents", edit_video_latents),
+                         ("decode_latents", decode_latents)]:
             mp.setattr(pipeline, name, fn)
+        mp.setattr(inversion, "invert_frames", invert_frames)
         mp.setattr(edit, "denoise_step", denoise_step)
         mp.setattr(edit, "keyframe_neighbours", keyframe_neighbours)
         mp.setattr(edit, "classifier_free_guidance", classifier_free_guidance)

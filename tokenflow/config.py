@@ -22,6 +22,7 @@ RULES = ("paper", "released")  # propagation rules: Eq. 6-7 as printed | the aut
 WEIGHTINGS = ("sigmoid", "linear")  # Eq. 7 as printed | w = d- / (d+ + d-)
 DEVICES = "auto | cpu | cuda | cuda:N"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+INVERSION_METHODS = ("ddim", "ddpm")  # deterministic DDIM inversion (the paper) | edit-friendly DDPM noise maps
 
 # PnP-Diffusion's injection layers for SD-2.1 and SD-1.5 (sd21.md): decoder self-attention q/k, one resnet.
 PNP_QK_LAYERS = [
@@ -185,14 +186,24 @@ class ControlNetConfig:
 
 @dataclass
 class InversionConfig:
-    steps: int = 500  # DDIM inversion steps (paper 1000, the authors' code 500); the sampling timesteps join its grid
+    method: str = "ddim"  # ddim (the paper: deterministic inversion) | ddpm (edit-friendly noise maps on the sampling grid, exact)
+    steps: int = 500  # DDIM inversion steps (paper 1000, the authors' code 500); the sampling timesteps join its grid (ddpm: unused, the grid is `steps`)
+    skip: int = 0  # the edit starts after the first `skip` sampling steps, at the inversion's x_t there (0: all steps)
+    source_guidance_scale: float = 1.0  # ddpm: guidance of the noise maps (1: the inversion prompt alone); the source comes back exactly only when guidance_scale equals it
+    noise_seed: int = 0  # ddpm: seed of the noisy versions' noise (drawn per frame and step: any batch or process draws the same)
+    shared_noise: bool = True  # ddpm: every frame takes the same noise draw at a step (false: each frame its own)
     batch_size: int = 8  # frames per forward (also VAE encode/decode)
-    cache: bool = True  # keep inverted latents on disk, keyed by video, selection, size, model, steps, prompt
+    cache: bool = True  # keep inverted latents on disk, keyed by video, selection, size, model, steps, prompt, method
     cache_dir: Optional[str] = None  # null: $TOKENFLOW_CACHE or ~/.cache/tokenflow/inversions
     force: bool = False  # recompute even when cached
 
     def __post_init__(self):
+        _one_of("inversion.method", self.method, INVERSION_METHODS)
         _positive_int("inversion.steps", self.steps)
+        _positive_int("inversion.skip", self.skip, minimum=0)
+        _require(_is_number(self.source_guidance_scale), "inversion.source_guidance_scale", "a finite number", self.source_guidance_scale)
+        _require(_is_int(self.noise_seed), "inversion.noise_seed", "an integer", self.noise_seed)
+        _require(isinstance(self.shared_noise, bool), "inversion.shared_noise", "true or false", self.shared_noise)
         _positive_int("inversion.batch_size", self.batch_size)
 
 
@@ -227,6 +238,7 @@ class OutputConfig:
     crf: int = 18  # H.264 quality, 0-51 (lower is better)
     audio: bool = True  # keep the source's sound of the edited span
     fps: Optional[float] = None  # null: the source's rate (fps / frames.stride); a number: that rate, without the sound
+    reconstruction: bool = False  # also sample the inversion prompt back from the inversion: reconstruction.mp4, its PSNR in run.json
 
     def __post_init__(self):
         _require(_is_int(self.crf) and 0 <= self.crf <= 51, "output.crf", "an integer in [0, 51]", self.crf)
@@ -234,6 +246,7 @@ class OutputConfig:
             # at least 0.01: the writers keep the rate as a fraction with a denominator of at most 1001
             _require(_is_number(self.fps) and self.fps >= 0.01,
                      "output.fps", "null (the source's rate, fps / frames.stride) or a number >= 0.01", self.fps)
+        _require(isinstance(self.reconstruction, bool), "output.reconstruction", "true or false", self.reconstruction)
 
 
 @dataclass
@@ -281,6 +294,12 @@ class RunConfig:
         if self.controlnet.name == "frames" and self.controlnet.checkpoint is None and self.model.source != "random":
             raise ConfigError("controlnet=frames needs controlnet.checkpoint=...: the ControlNet trained on your control "
                               "frames (a hub id, folder or file; conf/controlnet/*.yaml name some, e.g. controlnet=sd15_depth)")
+        if self.output.reconstruction and self.tokenflow.mode == "reconstruction":
+            raise ConfigError("output.reconstruction=true samples the source back from the inversion, and "
+                              "tokenflow.mode=reconstruction inverts nothing (it is the VAE round trip alone): drop one of them")
+        if self.inversion.skip >= self.steps:
+            raise ConfigError(f"inversion.skip ({self.inversion.skip}) must be less than steps ({self.steps}): "
+                              "it skips the first sampling steps and at least one must run")
 
     @classmethod
     def from_hydra(cls, cfg) -> RunConfig:

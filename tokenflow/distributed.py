@@ -98,6 +98,10 @@ class Ranks:
         dist.all_gather_object(out, obj)
         return out
 
+    def sum(self, counts: tuple[int, ...]) -> tuple[int, ...]:
+        """Each count summed over the ranks, on every rank (forwards counted per rank)."""
+        return tuple(sum(values) for values in zip(*self.all_gather(tuple(counts))))
+
     def check_mode(self, mode: str) -> None:
         if mode == "extended_all":
             raise ValueError("tokenflow.mode=extended_all attends every frame to every frame at every layer: it cannot be "
@@ -240,8 +244,11 @@ class ShardCache:
     def has(self, i: int) -> bool:
         return self.cache.has(self.frames[i])
 
-    def save(self, i: int, latents: dict) -> Path:
-        return self.cache.save(self.frames[i], latents)
+    def save(self, i: int, latents: dict, noise_maps: dict | None = None) -> Path:
+        return self.cache.save(self.frames[i], latents, noise_maps=noise_maps)
 
     def load(self, i: int, **kw) -> dict:
         return self.cache.load(self.frames[i], **kw)
+
+    def load_noise_maps(self, i: int, **kw) -> dict:
+        return self.cache.load_noise_maps(self.frames[i], **kw)

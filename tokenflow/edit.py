@@ -10,6 +10,13 @@ At each denoising step t (Alg. 1):
 The editing technique (PnP-Diffusion or SDEdit) acts through the same passes (controls.py); a
 ControlNet (controlnet_guide.py), when given, adds each pass's own frames' residuals to the edited
 branches on the steps of its window.
+
+Inversion (`inversion.method=`): `ddim` (the paper) hands the loop the DDIM-inverted latents of the
+original video; `ddpm` (edit-friendly DDPM inversion, sampler/ddpm.py) hands it the noisy versions
+x_t and the noise maps z_t, and step 4 becomes the DDPM step x_prev = mu_t + sigma_t z_t with each
+frame's own row of the step's map, in every pass. Either way `source_latents[t]` is the original
+video's x_t that the source branch sees at step t. `inversion.skip` starts the edit after the
+first `skip` sampling steps, at the inversion's own latents there.
 Whoever distributes the loop (torchrun's frame shares) or watches it (progress, feature capture,
 counting forwards) does so through one `LoopWatch`, never through the step's own parameters.
 
@@ -28,14 +35,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from sampler.ddim import classifier_free_guidance, ddim_step, sdedit_start, state_dtype
+from sampler.ddim import add_noise, classifier_free_guidance, ddim_step, state_dtype
+from sampler.ddpm import ddpm_step
 from sampler.schedule import Schedule
 from unet.control import ControlResiduals
 from unet.model import UNet
 
 from .config import (
-    EDIT_MODES, METHODS, PNP_FEATURE_LAYERS, PNP_QK_LAYERS, ConfigError, PnPConfig, RunConfig, SDEditConfig,
-    TokenFlowConfig,
+    EDIT_MODES, METHODS, PNP_FEATURE_LAYERS, PNP_QK_LAYERS, ConfigError, InversionConfig, PnPConfig, RunConfig,
+    SDEditConfig, TokenFlowConfig,
 )
 from .controls import EditControl, KeyframeTokens, PnPInjection, Propagation
 from .keyframes import fixed_keyframes, random_keyframes
@@ -66,6 +74,8 @@ class EditSettings:
     pnp_feature_layers: tuple[str, ...] = tuple(PNP_FEATURE_LAYERS)
     sdedit_strength: float = SDEditConfig.strength
     query_chunk: int | None = TokenFlowConfig.query_chunk  # bound the extended attention's score matrix (None: SDPA decides)
+    inversion: str = InversionConfig.method  # ddim: deterministic steps | ddpm: DDPM steps with the inversion's noise maps
+    skip: int = InversionConfig.skip  # the edit starts after this many sampling steps (SDEdit: or later, at its strength's)
 
     def __post_init__(self):
         # the config's own checks, so a bad value reads the same (naming the override) wherever it is set
@@ -83,13 +93,14 @@ class EditSettings:
         pnp = PnPConfig(qk_fraction=self.pnp_qk_fraction, feature_fraction=self.pnp_feature_fraction,
                         qk_layers=list(self.pnp_qk_layers), feature_layers=list(self.pnp_feature_layers))
         sdedit = SDEditConfig(strength=self.sdedit_strength)
+        InversionConfig(method=self.inversion, skip=self.skip)  # skip < steps is checked where the steps are known
         RunConfig(seed=self.seed, guidance_scale=self.guidance_scale, tokenflow=tokenflow,
                   method=pnp if self.method == "pnp" else sdedit)
         self.pnp_qk_layers, self.pnp_feature_layers = tuple(self.pnp_qk_layers), tuple(self.pnp_feature_layers)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> EditSettings:
-        """The loop's settings of a run (cfg.tokenflow, cfg.method, cfg.guidance_scale, cfg.seed)."""
+        """The loop's settings of a run (cfg.tokenflow, cfg.method, cfg.guidance_scale, cfg.seed, cfg.inversion)."""
         tf, method = cfg.tokenflow, cfg.method
         pnp = method if isinstance(method, PnPConfig) else PnPConfig()
         sdedit = method if isinstance(method, SDEditConfig) else SDEditConfig()
@@ -99,10 +110,12 @@ class EditSettings:
             batch_size=tf.batch_size, seed=cfg.seed, pnp_qk_fraction=pnp.qk_fraction,
             pnp_feature_fraction=pnp.feature_fraction, pnp_qk_layers=tuple(pnp.qk_layers),
             pnp_feature_layers=tuple(pnp.feature_layers), sdedit_strength=sdedit.strength, query_chunk=tf.query_chunk,
+            inversion=cfg.inversion.method, skip=cfg.inversion.skip,
         )
 
     def injection(self, step: int, n_steps: int) -> PnPInjection:
-        """PnP injects for the first fraction of the steps; SDEdit never."""
+        """PnP injects for the first fraction of the steps; SDEdit never. `step` counts in the whole
+        sampling grid of `n_steps` (a run that skips steps still injects at the same timesteps)."""
         if self.method != "pnp":
             return PnPInjection()
         return PnPInjection(
@@ -172,22 +185,58 @@ def require_inverted(source_latents: dict[int, Tensor], timesteps: list[int]) ->
         raise ValueError(f"edit: no inverted latents for timesteps {missing[:5]} (invert with these sampling timesteps kept)")
 
 
+def first_step(settings: EditSettings, n_steps: int) -> int:
+    """Where in the sampling grid of `n_steps` the edit starts: after the first `skip` steps; SDEdit
+    at the later of that and its strength's step (int(n_steps * strength) steps run, as
+    sampler.sdedit_start)."""
+    if settings.skip >= n_steps:
+        raise ValueError(f"edit: inversion.skip={settings.skip} skips all {n_steps} sampling steps; at least one must run")
+    if settings.method != "sdedit":
+        return settings.skip
+    n_run = int(n_steps * settings.sdedit_strength)
+    if n_run == 0:
+        raise ValueError(f"edit: method.strength={settings.sdedit_strength} of {n_steps} steps leaves no step to run; raise it")
+    return max(settings.skip, n_steps - n_run)
+
+
 def edit_start(
     settings: EditSettings, schedule: Schedule, timesteps: list[int], source_latents: dict[int, Tensor],
     clean_latents: Tensor,
 ) -> tuple[Tensor, list[int]]:
-    """Where sampling starts. PnP: the inverted latents x_T of the original video (all steps).
-    SDEdit: the clean latents noised to the strength's timestep, one noise map shared by every
-    frame (seeded), so the frames start alike; the remaining steps follow."""
-    dtype = state_dtype(clean_latents.dtype)  # the DDIM state is float32 whatever the model's dtype
-    if settings.method == "pnp":
-        require_inverted(source_latents, timesteps)  # before the lookup: a clear error, not a KeyError
-        return source_latents[timesteps[0]].to(clean_latents.device, dtype, copy=True), list(timesteps)
-    clean = clean_latents.to(dtype)
-    g = torch.Generator().manual_seed(settings.seed + 1)
-    noise = torch.randn((1, *clean.shape[1:]), generator=g).to(clean)
-    x_t, remaining = sdedit_start(schedule, clean, noise.expand_as(clean), settings.sdedit_strength, timesteps)
-    return x_t, remaining.tolist()
+    """Where sampling starts (first_step) and the steps that remain.
+    PnP: the inversion's latents of the original video at the first step (x_T when nothing is skipped).
+    SDEdit under DDIM inversion: the clean latents noised to the first step's timestep, one noise map
+    shared by every frame (seeded), so the frames start alike. SDEdit under DDPM inversion: the
+    inversion's own noisy version x_t there, no fresh noise: the stored maps belong to those x_t."""
+    dtype = state_dtype(clean_latents.dtype)  # the sampler's state is float32 whatever the model's dtype
+    first = first_step(settings, len(timesteps))
+    remaining = list(timesteps[first:])
+    if settings.method == "sdedit" and settings.inversion == "ddim":
+        clean = clean_latents.to(dtype)
+        g = torch.Generator().manual_seed(settings.seed + 1)
+        noise = torch.randn((1, *clean.shape[1:]), generator=g).to(clean)
+        return add_noise(schedule, clean, noise.expand_as(clean), int(remaining[0])), remaining
+    require_inverted(source_latents, remaining)  # before the lookup: a clear error, not a KeyError
+    return source_latents[remaining[0]].to(clean_latents.device, dtype, copy=True), remaining
+
+
+def require_noise_maps(settings: EditSettings, noise_maps: dict[int, Tensor] | None, timesteps: list[int],
+                       shape: tuple[int, ...]) -> None:
+    """DDPM inversion's edit needs a noise map [n, 4, h, w] for every step it runs; DDIM's takes none."""
+    if settings.inversion == "ddim":
+        if noise_maps is not None:
+            raise ValueError("edit: noise maps were given but inversion.method=ddim samples without them; "
+                             "set inversion.method=ddpm")
+        return
+    if noise_maps is None:
+        raise ValueError("edit: inversion.method=ddpm samples with the inversion's noise maps; none were given")
+    missing = [t for t in timesteps if t not in noise_maps]
+    if missing:
+        raise ValueError(f"edit: no noise maps for timesteps {missing[:5]} (invert with inversion.method=ddpm on this grid)")
+    bad = [t for t in timesteps if tuple(noise_maps[t].shape) != tuple(shape)]
+    if bad:
+        raise ValueError(f"edit: the noise map at t={bad[0]} has shape {tuple(noise_maps[bad[0]].shape)}, "
+                         f"the latents {tuple(shape)}")
 
 
 def guided_output(
@@ -222,17 +271,27 @@ def keyframes_at(settings: EditSettings, n: int, step: int) -> list[int] | None:
 
 def denoise_step(
     unet: UNet, schedule: Schedule, settings: EditSettings, prompts: PromptEmbeddings, latents: Tensor, source: Tensor,
-    t: int, t_prev: int, pnp: PnPInjection, keyframes: list[int] | None, watch: LoopWatch | None = None,
-    *, controlnet: ControlNetGuide | None = None,
+    t: int, t_prev: int, pnp: PnPInjection, keyframes: list[int] | None, watch: LoopWatch | None = None, *,
+    noise: Tensor | None = None, controlnet: ControlNetGuide | None = None,
 ) -> Tensor:
     """One step of Alg. 1 for every frame of `latents` [n, 4, h, w] (source: the original video's
     x_t, same shape) -> the latents at t_prev. `watch` builds the passes' controls and sees each
     forward; under torchrun it names this process's rows (the others of the result are not set)
-    and fills the keyframes' rows before the keyframe pass. `controlnet` (None: this step has none) gives
-    every forward the residuals of its own frames."""
+    and fills the keyframes' rows before the keyframe pass.
+    noise: the step's DDPM noise map z_t [n, 4, h, w] (DDPM inversion): each frame takes the DDPM
+    step with its own row; None: the DDIM step. `controlnet` (None: this step has none) gives every
+    forward the residuals of its own frames."""
     watch = LoopWatch() if watch is None else watch
     n = latents.shape[0]
     own = watch.own_frames(n)
+    if noise is not None and noise.shape != latents.shape:
+        raise ValueError(f"denoise_step: noise map shape {tuple(noise.shape)} != latents shape {tuple(latents.shape)}")
+
+    def step(frames: list[int], guided: Tensor) -> Tensor:
+        """The sampler's step of `frames` from their guided output [F, 4, h, w]."""
+        if noise is None:
+            return ddim_step(schedule, guided, t, t_prev, latents[frames])
+        return ddpm_step(schedule, guided, t, t_prev, latents[frames], noise[frames].to(latents))
 
     def forward(frames: list[int], control: EditControl) -> Tensor:
         residuals = None
@@ -244,7 +303,7 @@ def denoise_step(
                              residuals=residuals)
 
     def denoise(frames: list[int], control: EditControl) -> Tensor:
-        return ddim_step(schedule, forward(frames, control), t, t_prev, latents[frames])
+        return step(frames, forward(frames, control))
 
     new = torch.empty_like(latents)
     if settings.mode in ("tokenflow", "fixed_keyframes"):
@@ -266,7 +325,7 @@ def denoise_step(
             mine = [(slot, k) for slot, k in enumerate(keyframes) if k in own_set]
             if mine:
                 slots, frames = [s for s, _ in mine], [k for _, k in mine]
-                new[frames] = ddim_step(schedule, keyframe_out[slots], t, t_prev, latents[frames])
+                new[frames] = step(frames, keyframe_out[slots])
             own = [i for i in own if i not in keyframe_set]
         neighbours = keyframe_neighbours(
             list(range(n)), keyframes, settings.weighting, rule=settings.propagation, interval=settings.keyframe_interval,
@@ -288,21 +347,30 @@ def denoise_step(
 @torch.no_grad()
 def edit_video_latents(
     unet: UNet, schedule: Schedule, settings: EditSettings, prompts: PromptEmbeddings,
-    source_latents: dict[int, Tensor], clean_latents: Tensor, timesteps: list[int], watch: LoopWatch | None = None,
-    *, controlnet: ControlNetGuide | None = None,
+    source_latents: dict[int, Tensor], clean_latents: Tensor, timesteps: list[int], watch: LoopWatch | None = None, *,
+    noise_maps: dict[int, Tensor] | None = None, controlnet: ControlNetGuide | None = None,
 ) -> tuple[Tensor, EditRecord]:
     """Alg. 1 on latents. source_latents: {t: [n, 4, h, w]} the inverted original video at every
-    sampling timestep; clean_latents: [n, 4, h, w]. Returns the edited clean latents and a record.
-    The latents between steps stay in float32 whatever the UNet's dtype (sampler.ddim.state_dtype).
-    `watch` (LoopWatch) drives the steps' passes and sees each step end; under torchrun only its
-    own rows of the result are computed. `controlnet` (controlnet_guide.ControlNetGuide) steers the
-    edited branches on the steps of its window (fractions of the steps run here, after SDEdit's start)."""
+    sampling timestep (DDPM inversion: its noisy versions x_t); clean_latents: [n, 4, h, w];
+    timesteps: the whole sampling grid (edit_start drops the skipped steps). Returns the edited clean
+    latents and a record. The latents between steps stay in float32 whatever the UNet's dtype
+    (sampler.ddim.state_dtype). `watch` (LoopWatch) drives the steps' passes and sees each step
+    end; under torchrun only its own rows of the result are computed.
+    noise_maps: {t: z_t [n, 4, h, w]} DDPM inversion's maps, required when settings.inversion is
+    ddpm (each step t -> t_prev is then the DDPM step with z_t), refused under ddim. With the
+    inversion's prompt and guidance, per_frame mode and no injection that changes the outputs,
+    the loop returns the inversion's every x_t and the clean latents (tests/test_ddpm_exactness.py).
+    `controlnet` (controlnet_guide.ControlNetGuide) steers the edited branches on the steps of its
+    window (fractions of the steps run here, after SDEdit's or the skip's start)."""
     watch = LoopWatch() if watch is None else watch
     n = clean_latents.shape[0]
     if controlnet is not None and controlnet.conditions.shape[0] != n:
         raise ValueError(f"edit: {controlnet.conditions.shape[0]} control images for {n} frames")
+    n_steps = len(timesteps)
     latents, timesteps = edit_start(settings, schedule, timesteps, source_latents, clean_latents)
+    skipped = n_steps - len(timesteps)
     require_inverted(source_latents, timesteps)
+    require_noise_maps(settings, noise_maps, timesteps, tuple(clean_latents.shape))
     own = watch.own_frames(n)
     record = EditRecord()
     for step, t in enumerate(timesteps):
@@ -311,11 +379,12 @@ def edit_video_latents(
         record.timesteps.append(int(t))
         if keyframes is not None:
             record.keyframes.append(keyframes)
-        pnp = settings.injection(step, len(timesteps))
+        pnp = settings.injection(skipped + step, n_steps)  # PnP's fractions count in the whole grid
         source = source_latents[t].to(latents)
+        noise = None if noise_maps is None else noise_maps[t].to(latents)
         guide = controlnet if controlnet is not None and controlnet.active(step, len(timesteps)) else None
         new = denoise_step(unet, schedule, settings, prompts, latents, source, t, t_prev, pnp, keyframes, watch,
-                           controlnet=guide)
+                           noise=noise, controlnet=guide)
         if not torch.isfinite(new if len(own) == n else new[own]).all():
             raise FloatingPointError(f"edit: non-finite latents at step {step} (t={t}); try float32 or a lower guidance scale")
         latents = new

@@ -1,10 +1,12 @@
-"""On-disk cache of DDIM-inverted latents, one safetensors file per frame.
+"""On-disk cache of inverted latents (DDIM, or DDPM's noisy versions and noise maps), one safetensors file per frame.
 
 Inversion is the slow, edit-independent half of TokenFlow: every prompt edit of the same clip
 reuses it. So the latents of each frame at the kept timesteps are stored under a key that hashes
 everything they depend on (clip bytes, selected frames, size, model, steps, kept timesteps,
 inversion prompt; for a model on local disk also the size and modification time of its weight and
-config files, since a path says where weights are, not which). A frame is written atomically (temp
+config files, since a path says where weights are, not which). A DDPM inversion's key also holds a
+`ddpm` entry (noise seed, shared noise, source guidance; the negative prompt when that guidance is
+not 1), which a DDIM key never has: neither is ever read as the other. A frame is written atomically (temp
 file + rename) the moment it is done, so a run that crashes leaves only whole files and the rerun
 recomputes just the missing frames. A file that is nevertheless unreadable (truncated by a full
 disk, copied half-way) counts as missing, with a warning, rather than stopping the run.
@@ -18,6 +20,7 @@ frame is computed at worst twice, never left waiting.
 
 Layout:  <root>/<key>/meta.json                  the key fields, as JSON
          <root>/<key>/frame_00000.safetensors    {"t981": [4, h, w], "t961": ..., ...} + metadata
+                                                  DDPM: also the noise maps {"z981": [4, h, w], ...}
          <root>/sample_clip/                     the generated sample clip (pipeline, video=sample)
 Root:    $TOKENFLOW_CACHE, else ~/.cache/tokenflow/inversions
 """
@@ -107,10 +110,12 @@ def model_file_stats(source: str | os.PathLike) -> list[list] | None:
 def key_fields(
     *, video_digest: str, indices: list[int], size: tuple[int, int], model_id: str,
     inversion_steps: int, keep_timesteps: list[int], prompt: str, extra: dict | None = None,
-    model_files: list[list] | None = None,
+    model_files: list[list] | None = None, ddpm: dict | None = None,
 ) -> dict:
     """The cache key's fields as one canonical, JSON-ready dict (validated). `model_files`: what
-    `model_file_stats` says of a local model (None for a hub id or the built-in tiny model)."""
+    `model_file_stats` says of a local model (None for a hub id or the built-in tiny model).
+    `ddpm`: what a DDPM inversion's noise maps depend on beyond the rest (None: a DDIM inversion,
+    whose fields then have no `ddpm` entry at all, as before DDPM existed)."""
     def ints(values, what):
         values = list(values)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -139,6 +144,10 @@ def key_fields(
         "prompt": str(prompt),
         "extra": dict(extra or {}),
     }
+    if ddpm is not None:
+        if not isinstance(ddpm, dict) or not ddpm:
+            raise ValueError(f"ddpm must be a non-empty dict of the noise maps' settings, got {ddpm!r}")
+        fields["ddpm"] = dict(ddpm)
     try:
         json.dumps(fields, sort_keys=True)
     except (TypeError, ValueError) as e:
@@ -149,13 +158,13 @@ def key_fields(
 def cache_key(
     *, video_digest: str, indices: list[int], size: tuple[int, int], model_id: str,
     inversion_steps: int, keep_timesteps: list[int], prompt: str, extra: dict | None = None,
-    model_files: list[list] | None = None,
+    model_files: list[list] | None = None, ddpm: dict | None = None,
 ) -> str:
     """A short sha256 hex naming the inversion of exactly this clip, selection, size and model."""
     fields = key_fields(
         video_digest=video_digest, indices=indices, size=size, model_id=model_id,
         inversion_steps=inversion_steps, keep_timesteps=keep_timesteps, prompt=prompt, extra=extra,
-        model_files=model_files,
+        model_files=model_files, ddpm=ddpm,
     )
     return _hash_fields(fields)
 
@@ -166,7 +175,7 @@ def _hash_fields(fields: dict) -> str:
 
 
 class InversionCache:
-    """The cached latents of one key: `has`, `load`, `save` per frame, `missing`, `clear`.
+    """The cached latents of one key: `has`, `load` (and `load_noise_maps`), `save` per frame, `missing`, `clear`.
 
     `fields` (from `key_fields`) are written to meta.json and into every frame file; when they are
     known, a frame file counts as present only if it holds every kept timestep. Frame numbers `i`
@@ -223,8 +232,9 @@ class InversionCache:
         """The frames of `frames` that have no usable file (in the given order)."""
         return [i for i in frames if not self.has(i)]
 
-    def load(self, i: int, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[int, torch.Tensor]:
-        """{timestep: latent [4, h, w]} of frame i, by increasing timestep."""
+    def load(self, i: int, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+             kind: str = "t") -> dict[int, torch.Tensor]:
+        """{timestep: latent [4, h, w]} of frame i, by increasing timestep (kind="z": its noise maps)."""
         from safetensors import safe_open
 
         path = self.frame_path(i)
@@ -234,12 +244,16 @@ class InversionCache:
         out = {}
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
-                for name in names:
+                for name in (n for n in names if n[0] == kind):
                     t = f.get_tensor(name)
                     out[int(name[1:])] = t if dtype is None else t.to(dtype)
         except Exception as e:  # the safetensors library raises its own (Rust) error types
             raise CacheError(f"{path}: unreadable inversion cache file ({e})") from None
         return dict(sorted(out.items()))
+
+    def load_noise_maps(self, i: int, *, device: str | torch.device = "cpu") -> dict[int, torch.Tensor]:
+        """{timestep: noise map z_t [4, h, w]} of frame i (a DDPM inversion), by increasing timestep."""
+        return self.load(i, device=device, kind="z")
 
     def _check_file(self, path: Path) -> list[str]:
         """The tensor names of a whole file of this key, or CacheError saying what is wrong."""
@@ -253,27 +267,37 @@ class InversionCache:
             raise CacheError(f"{path}: corrupt or truncated inversion cache file ({e})") from None
         if metadata.get("key") != self.key:
             raise CacheError(f"{path}: belongs to cache key {metadata.get('key')!r}, not {self.key}")
-        names = [n for n in header if n.startswith("t") and n[1:].isdigit()]
-        if len(names) != len(header) or not names:
-            raise CacheError(f"{path}: expected tensors named t<timestep>, found {sorted(header)}")
+        names = [n for n in header if n[:1] in ("t", "z") and n[1:].isdigit()]
+        if len(names) != len(header) or not any(n[0] == "t" for n in names):
+            raise CacheError(f"{path}: expected tensors named t<timestep> (and z<timestep>), found {sorted(header)}")
         fields = self.fields
         if fields is not None:
-            absent = sorted(set(fields["keep_timesteps"]) - {int(n[1:]) for n in names})
-            if absent:
-                raise CacheError(f"{path}: lacks kept timestep(s) {absent}")
+            kinds = ("t", "z") if "ddpm" in fields else ("t",)
+            for kind in kinds:
+                absent = sorted(set(fields["keep_timesteps"]) - {int(n[1:]) for n in names if n[0] == kind})
+                if absent:
+                    raise CacheError(f"{path}: lacks kept {'noise map' if kind == 'z' else 'timestep'}(s) {absent}")
         return names
 
     # ------------------------------------------------------------------ writes
 
-    def save(self, i: int, latents: dict[int, torch.Tensor]) -> Path:
-        """Write frame i's {timestep: latent [4, h, w]} atomically (temp file, then rename)."""
+    def save(self, i: int, latents: dict[int, torch.Tensor], noise_maps: dict[int, torch.Tensor] | None = None) -> Path:
+        """Write frame i's {timestep: latent [4, h, w]} (and a DDPM inversion's {timestep: noise map
+        [4, h, w]}) atomically (temp file, then rename): both are in the file or neither is."""
         from safetensors.torch import save_file
 
         path = self.frame_path(i)
         if not isinstance(latents, dict) or not latents:
             raise ValueError(f"latents for frame {i} must be a non-empty {{timestep: tensor}} dict")
+        if noise_maps is not None and (not isinstance(noise_maps, dict) or set(noise_maps) != set(latents)):
+            raise ValueError(f"noise maps for frame {i} must be a {{timestep: tensor}} dict of the latents' timesteps "
+                             f"{sorted(latents)}, got {sorted(noise_maps) if isinstance(noise_maps, dict) else type(noise_maps)}")
+        fields = self.fields
+        if fields is not None and ("ddpm" in fields) != (noise_maps is not None):
+            raise ValueError(f"frame {i}: a {'DDPM' if 'ddpm' in fields else 'DDIM'} inversion cache "
+                             f"{'needs' if 'ddpm' in fields else 'holds no'} noise maps ({self.dir})")
         shapes = set()
-        for t, z in latents.items():
+        for t, z in list(latents.items()) + list((noise_maps or {}).items()):
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise ValueError(f"frame {i}: timestep keys must be ints >= 0, got {t!r}")
             if not isinstance(z, torch.Tensor) or z.ndim != 3:
@@ -285,6 +309,7 @@ class InversionCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_meta()
         tensors = {f"t{t}": z.detach().to("cpu").contiguous() for t, z in sorted(latents.items())}
+        tensors.update({f"z{t}": z.detach().to("cpu").contiguous() for t, z in sorted((noise_maps or {}).items())})
         metadata = {"key": self.key, "frame": str(i)}
         if self.fields is not None:
             metadata["fields"] = json.dumps(self.fields, sort_keys=True)
@@ -414,14 +439,24 @@ def open_for_run(cfg, video, positions: list[int], timesteps: list[int], dtype: 
     random = model.source == "random"
     from .media import READER_VERSION
 
+    inv = cfg.inversion
+    ddpm = None
+    if inv.method == "ddpm":  # what the noise maps depend on beyond the DDIM key's fields
+        ddpm = {"noise_seed": inv.noise_seed, "shared_noise": inv.shared_noise,
+                "source_guidance_scale": float(inv.source_guidance_scale),
+                # the guided maps read the negative prompt's branch too; without guidance they do not
+                "negative_prompt": cfg.negative_prompt if inv.source_guidance_scale != 1 else None}
+
     cache = InversionCache.for_run(
         cfg.inversion.cache_dir, video_digest=video_digest(video.path), indices=[video.indices[i] for i in positions],
         size=[video.height, video.width], model_id=model.name if random else str(model.source),
-        inversion_steps=cfg.inversion.steps, keep_timesteps=list(timesteps), prompt=cfg.inversion_prompt,
+        # DDPM: the grid is the sampling grid (inversion.steps is not used)
+        inversion_steps=cfg.steps if ddpm else inv.steps, keep_timesteps=list(timesteps), prompt=cfg.inversion_prompt,
         model_files=None if random else model_file_stats(model.source),  # a local path alone does not say which weights are there now
         extra={"dtype": str(dtype).replace("torch.", ""), "seed": model.seed if random else None,
                "variant": model.variant, "prediction_type": model.prediction_type,
                "reader": READER_VERSION},  # how the file's frames were read (media/reading.py)
+        ddpm=ddpm,
     )
     if cfg.inversion.force and may_clear:
         cache.clear()

@@ -1,4 +1,4 @@
-"""A run's outputs (config.yaml, edited.mp4, side_by_side.mp4, frames/, run.json), written all or none.
+"""A run's outputs (config.yaml, edited.mp4, side_by_side.mp4, reconstruction.mp4, frames/, run.json), written all or none.
 
 Every output goes into one hidden staging folder inside the run dir (the same file system, so moving
 it into place is a rename) and is published only once all of them are written; run.json lands last.
@@ -101,9 +101,10 @@ def _readable(path: Path) -> Path:
 
 
 def write_outputs(stage: StagedOutputs, cfg: RunConfig, video: Video, frames: torch.Tensor, edited: torch.Tensor,
-                  fps: Fraction, with_sound: bool) -> dict[str, Path]:
+                  fps: Fraction, with_sound: bool, reconstruction: torch.Tensor | None = None) -> dict[str, Path]:
     """config.yaml, the videos and the PNG frames of one run into `stage` -> {output: final path}.
-    `frames`, `edited`: uint8 [n, H, W, 3] source and decoded edit; `fps`, `with_sound`: as output_fps decided."""
+    `frames`, `edited`: uint8 [n, H, W, 3] source and decoded edit; `fps`, `with_sound`: as output_fps decided;
+    `reconstruction`: uint8 [n, H, W, 3], the source sampled back from the inversion (output.reconstruction)."""
     from omegaconf import OmegaConf
 
     crf = cfg.output.crf
@@ -114,6 +115,9 @@ def write_outputs(stage: StagedOutputs, cfg: RunConfig, video: Video, frames: to
     if cfg.output.side_by_side:
         _readable(write_video(stage.path("side_by_side.mp4"), side_by_side(frames, edited), fps, crf=crf, audio=audio))
         outputs["side_by_side"] = stage.final("side_by_side.mp4")
+    if reconstruction is not None:
+        _readable(write_video(stage.path("reconstruction.mp4"), reconstruction, fps, crf=crf, audio=audio))
+        outputs["reconstruction"] = stage.final("reconstruction.mp4")
     if cfg.output.png_frames:
         write_png_frames(stage.path("frames"), edited)
         outputs["png_frames"] = stage.final("frames")

@@ -1,6 +1,6 @@
 """An edit from video file to video files: `run_edit(cfg, out_dir)`, one call per stage.
 
-    read -> models -> encode -> prompts -> invert -> edit (Alg. 1, edit.py) -> decode -> write -> report
+    read -> models -> encode -> prompts -> invert -> edit (Alg. 1, edit.py) -> decode -> [reconstruct] -> write -> report
 
 Each stage is one call into the module that owns it. With `controlnet=canny|frames` the read stage
 also makes the control frames (control_conditions.py), the models stage loads the ControlNet first
@@ -22,17 +22,15 @@ from pathlib import Path
 
 import torch
 
-from sampler.ddim import inversion_timesteps
-
 from .config import RunConfig
 from .control_conditions import check_conditions, make_conditions
 from .controlnet_guide import ControlNetGuide
 from .device import cpu_threads, pick_device, pick_dtype
 from .distributed import Ranks, rank_facts, remove_own_run_dir
-from .edit import EditSettings, edit_video_latents
+from .edit import EditSettings, edit_video_latents, first_step
 from .inputs import load_video
 from .interrupt import RunInterrupted
-from .inversion import decode_latents, encode_frames, invert_frames
+from .inversion import Inversion, decode_latents, encode_frames, invert_for_run, inversion_steps_per_frame, kept_timesteps
 from .inversion_cache import open_for_run
 from .measure import PeakMemory, Stopwatch
 from .media import from_model_range, to_model_range
@@ -41,11 +39,12 @@ from .models.build import build_controlnet, check_controlnet_fits
 from .outputs import output_fps, staged_outputs, write_outputs, write_run_facts
 from .progress import FrameStepBar, ProgressWatch
 from .prompts import embed_prompts
-from .run_facts import RunFacts
+from .reconstruction import reconstruct_for_run
+from .run_facts import RunFacts, unet_forwards
 
 RANDOM_WEIGHTS_WARNING = ("model.source=random: the weights are random (model=tiny and model=tiny_sd15 have no others), so the "
                           "output is noise, not an edit; this run shows that the pipeline works end to end, not what TokenFlow does")
-PER_FRAME_STAGES = ("encode", "inversion", "editing", "decode")  # run.json's seconds_per_frame
+PER_FRAME_STAGES = ("encode", "inversion", "editing", "decode", "reconstruction")  # run.json's seconds_per_frame
 
 
 def say(message: str) -> None:
@@ -137,29 +136,35 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
     with run.stage("encode"):
         clean = encode_frames(models.vae, to_model_range(video.frames[own[0]: own[-1] + 1]), cfg.inversion.batch_size)
 
-    edited_latents, record, reused, forwards = clean, None, 0, (0, 0)  # reconstruction: the clean latents, decoded
+    edited_latents, record, reused, forwards, cn_forwards = clean, None, 0, 0, 0  # reconstruction: the clean latents, decoded
+    inversion = recon = None
     if settings is not None:
         # 4. prompts: the inversion (source), negative and target prompts' embeddings
         with run.stage("encode_prompts"):
             prompts, prompt_warnings = embed_prompts(models, cfg, device)
         for w in prompt_warnings:  # a prompt cut to CLIP's 77 tokens
             say(f"warning: {w}")
-        # 5. invert: DDIM inversion of the original frames (Alg. 1 line 1), cached per frame
+        # 5. invert: DDIM or DDPM inversion of the original frames (Alg. 1 line 1), cached per frame
         with run.stage("inversion"):
             timesteps = models.config.schedule.timesteps(cfg.steps).tolist()
-            source_latents, reused = _invert(cfg, video, models, clean, prompts, timesteps, dtype, shard, run)
+            inversion, reused = _invert(cfg, video, models, clean, prompts, timesteps, dtype, shard, run)
         # 6. edit: Alg. 1 at every denoising step (edit.py)
         with run.stage("editing"):
             guide = None if controlnet is None else ControlNetGuide(
                 controlnet, conditions, scale=cfg.controlnet.scale, start=cfg.controlnet.guidance_start,
                 end=cfg.controlnet.guidance_end, chunk=cfg.tokenflow.batch_size)
-            edited_latents, record, forwards = _edit(cfg, models, settings, prompts, source_latents, clean, timesteps, shard,
-                                                     guide)
+            edited_latents, record, (forwards, cn_forwards) = _edit(cfg, models, settings, prompts, inversion, clean,
+                                                                    timesteps, shard, guide)
         warnings = warnings + prompt_warnings
 
     # 7. decode: the edited latents back to uint8 frames [len(own), H, W, 3]
     with run.stage("decode"):
         edited = from_model_range(decode_latents(models.vae, edited_latents, cfg.inversion.batch_size))
+
+    # 8. reconstruct (output.reconstruction=true): the inversion prompt sampled back from the inversion
+    if cfg.output.reconstruction and inversion is not None:
+        with run.stage("reconstruction"):
+            recon = reconstruct_for_run(cfg, models, inversion, prompts, clean, video.frames[own[0]: own[-1] + 1])
 
     fps, lost_sound = output_fps(cfg, video)  # the source's rate unless output.fps names one
     facts = RunFacts(
@@ -168,21 +173,29 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
         mode=cfg.tokenflow.mode, method=cfg.method.name, prompt=cfg.prompt, device=device,
         dtype=str(dtype).replace("torch.", ""), inversion_cache=None if run.cache is None else str(run.cache.dir),
         inversion_frames_reused=reused, warnings=warnings + video.warnings + ([lost_sound] if lost_sound else []),
-        source=asdict(video.source), unet_frame_forwards=forwards[0], controlnet_frame_forwards=forwards[1],
+        source=asdict(video.source), unet_frame_forwards=forwards, controlnet_frame_forwards=cn_forwards,
         controlnet=None if controlnet is None else controlnet_facts(cfg), started=run.watch.started,
         threads=torch.get_num_threads(),
         keyframes_per_step=[] if record is None else record.keyframes, timesteps=[] if record is None else record.timesteps,
+        inversion_method=None if inversion is None else inversion.method,
     )
+    if recon is not None:  # its PSNRs over the clip (torchrun: every rank's errors, frames to rank 0)
+        facts.reconstruction_psnr_db, facts.vae_round_trip_psnr_db = recon.psnrs(shard)
     if shard is not None:  # torchrun: every rank's decoded frames to rank 0, which writes; the others are done
         facts.ranks = rank_facts(ranks, shard, device, run.watch.timings, reused, run.memory.report())
         facts.inversion_frames_reused = sum(r["inversion_frames_reused"] for r in facts.ranks)
+        if inversion is not None:  # forwards of all ranks together
+            facts.unet_frame_forwards, facts.controlnet_frame_forwards, inversion.unet_frame_forwards = ranks.sum(
+                (forwards, cn_forwards, inversion.unet_frame_forwards))
         edited = shard.gather_to_root(edited)
         if edited is None:
             return None
+    facts.unet_forwards = unet_forwards(inversion, facts.unet_frame_forwards, recon)
 
-    # 8. write, 9. report: every output staged, run.json last, all moved into place together
+    # 9. write, 10. report: every output staged, run.json last, all moved into place together
     with run.stage("write", lap=False), staged_outputs(out_dir) as stage:
-        outputs = write_outputs(stage, cfg, video, video.frames, edited, fps, with_sound=not lost_sound)
+        outputs = write_outputs(stage, cfg, video, video.frames, edited, fps, with_sound=not lost_sound,
+                                reconstruction=None if recon is None else recon.frames)
         run.watch.lap("write")
         facts.timings_s = dict(run.watch.timings)
         facts.seconds_per_frame = {k: round(v / n, 4) for k, v in facts.timings_s.items() if k in PER_FRAME_STAGES}
@@ -195,30 +208,32 @@ def _run_stages(cfg: RunConfig, out_dir: Path, settings: EditSettings | None, de
 
 
 def _invert(cfg: RunConfig, video, models, clean, prompts, timesteps: list[int], dtype, shard, run: RunStages):
-    """DDIM inversion of `clean` through the run's cache, with a progress bar -> ({t: [n, 4, h, w]}
-    float32 on the CPU, the number of frames the cache already held)."""
-    cache = open_for_run(cfg, video, list(range(video.num_frames)), timesteps, dtype, may_clear=shard is None or shard.ranks.is_root)
+    """The inversion cfg.inversion asks for, of `clean`, through the run's cache, with a progress bar
+    -> (inversion.Inversion: {t: [n, 4, h, w]} float32 on the CPU, and DDPM's noise maps; the
+    number of frames the cache already held)."""
+    keep = kept_timesteps(timesteps, cfg.inversion.skip)  # the edit's steps: a skipped step needs no inversion
+    cache = open_for_run(cfg, video, list(range(video.num_frames)), keep, dtype, may_clear=shard is None or shard.ranks.is_root)
     cache = run.cache = cache if shard is None or cache is None else shard.cache_view(cache)  # numbered as the whole clip's
     n = clean.shape[0]
-    grid = inversion_timesteps(models.config.schedule, cfg.inversion.steps, timesteps)  # the path each frame climbs
-    bar = FrameStepBar("inversion", n * len(grid), cfg.progress, frames=n)
+    own = list(range(n)) if shard is None else shard.frames
+    grid = inversion_steps_per_frame(cfg, models.config.schedule, keep)
+    bar = FrameStepBar("inversion", n * grid, cfg.progress, frames=n)
     reused = 0
 
     def on_reuse(k: int) -> None:
         nonlocal reused
         reused = k
-        bar.skip(k * len(grid))
+        bar.skip(k * grid)
         say(f"reusing cached inversion of {k}/{n} frames from {cache.dir}")
 
     try:
-        latents = invert_frames(models.unet, models.config.schedule, clean, prompts.source, inversion_steps=cfg.inversion.steps,
-                                keep_timesteps=timesteps, batch_size=cfg.inversion.batch_size, cache=cache,
-                                on_progress=bar, on_reuse=on_reuse)
+        inversion = invert_for_run(cfg, models.unet, models.config.schedule, clean, prompts, keep,
+                                   frame_ids=[video.indices[i] for i in own], cache=cache, on_progress=bar, on_reuse=on_reuse)
     finally:
         bar.close()
     if cache is not None and reused < n:
         say(f"inverted latents cached in {cache.dir}")
-    return latents, reused
+    return inversion, reused
 
 
 def controlnet_facts(cfg: RunConfig) -> dict:
@@ -232,18 +247,21 @@ def controlnet_facts(cfg: RunConfig) -> dict:
     return facts
 
 
-def _edit(cfg: RunConfig, models, settings: EditSettings, prompts, source_latents, clean, timesteps: list[int], shard,
+def _edit(cfg: RunConfig, models, settings: EditSettings, prompts, inversion: Inversion, clean, timesteps: list[int], shard,
           controlnet: ControlNetGuide | None):
     """Alg. 1 with a progress bar -> (edited latents of this process's frames, the loop's record,
     (UNet frame-forwards, ControlNet frame-forwards))."""
     frames = clean.shape[0]
-    bar = FrameStepBar(f"editing ({settings.mode}, {settings.method})", frames * len(timesteps), cfg.progress, frames=frames)
+    source_latents, noise_maps = inversion.latents, inversion.noise_maps
+    steps = len(timesteps) - first_step(settings, len(timesteps))
+    bar = FrameStepBar(f"editing ({settings.mode}, {settings.method})", frames * steps, cfg.progress, frames=frames)
     watch = ProgressWatch(bar, frames, shard=shard)
     if shard is not None:  # the loop indexes clip-sized tensors: this rank's rows filled, keyframe rows exchanged
         source_latents, clean = shard.full_source(source_latents), shard.full(clean)
+        noise_maps = None if noise_maps is None else shard.full_source(noise_maps)
     try:
         latents, record = edit_video_latents(models.unet, models.config.schedule, settings, prompts, source_latents, clean,
-                                             timesteps, watch=watch, controlnet=controlnet)
+                                             timesteps, watch=watch, noise_maps=noise_maps, controlnet=controlnet)
     finally:
         bar.close()
     forwards = (watch.unet_frame_forwards, watch.controlnet_frame_forwards)

@@ -16,7 +16,7 @@ from .config import RunConfig
 from .device import pick_device, pick_dtype
 from .edit import PromptEmbeddings
 from .inputs import load_video
-from .inversion import encode_frames, invert_frames
+from .inversion import Inversion, encode_frames, invert_for_run, kept_timesteps
 from .inversion_cache import open_for_run
 from .media import Video, to_model_range
 from .models import build_models
@@ -26,7 +26,8 @@ from .prompts import embed_prompts
 @dataclass
 class SourceVideo:
     """The frames as read and resized, the models, clean latents, prompt embeddings and the inverted
-    latents at every sampling timestep (float32, on the CPU: steps x [n, 4, h, w])."""
+    latents at every kept sampling timestep (float32, on the CPU: steps x [n, 4, h, w]; DDPM: and
+    the noise maps, in `inversion`)."""
 
     cfg: RunConfig
     video: Video
@@ -37,7 +38,8 @@ class SourceVideo:
     clean: torch.Tensor  # [n, 4, h, w] scaled VAE posterior means
     prompts: PromptEmbeddings | None = None  # None when invert=False
     timesteps: list[int] = field(default_factory=list)
-    source_latents: dict[int, torch.Tensor] = field(default_factory=dict)
+    source_latents: dict[int, torch.Tensor] = field(default_factory=dict)  # inversion.latents
+    inversion: Inversion | None = None  # the whole inversion (method, latents, DDPM noise maps, forwards spent)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -65,8 +67,9 @@ def prepare_source(cfg: RunConfig, positions: list[int] | None = None, invert: b
     src.prompts, src.warnings = embed_prompts(models, cfg, device)
     schedule = models.config.schedule
     src.timesteps = schedule.timesteps(cfg.steps).tolist()
-    cache = open_for_run(cfg, video, positions, src.timesteps, dtype)
-    src.source_latents = invert_frames(models.unet, schedule, clean, src.prompts.source, inversion_steps=cfg.inversion.steps,
-                                       keep_timesteps=src.timesteps, batch_size=cfg.inversion.batch_size, cache=cache,
-                                       on_progress=on_progress)
+    keep = kept_timesteps(src.timesteps, cfg.inversion.skip)
+    cache = open_for_run(cfg, video, positions, keep, dtype)
+    src.inversion = invert_for_run(cfg, models.unet, schedule, clean, src.prompts, keep,
+                                   frame_ids=[video.indices[i] for i in positions], cache=cache, on_progress=on_progress)
+    src.source_latents = src.inversion.latents
     return src
