@@ -276,3 +276,20 @@ def test_without_gradio_the_app_says_which_extra_to_install(monkeypatch, capsys)
         app_main(["model=tiny"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == 'error: the web app needs Gradio: pip install "tokenflow-from-scratch[ui]"'
+
+
+def test_the_invert_stage_shows_the_runs_own_reconstruction_and_ddpm_comes_back_as_the_vae_round_trip(bench, tmp_path):
+    """The page's reconstruction is tokenflow.reconstruction's, the one run.json measures: with DDPM
+    inversion it equals the VAE round trip of the source up to float rounding; DDIM's does not."""
+    from tokenflow.inversion import decode_latents
+    from tokenflow.media import from_model_range
+
+    result = bench.invert(config(tmp_path, "inversion.method=ddpm"))
+    assert result.ok, result.message
+    src = bench.source
+    round_trip = from_model_range(decode_latents(src.models.vae, src.clean, 8))
+    assert psnr(result.frames["reconstruction"], round_trip) > 40
+    ddim = bench.invert(config(tmp_path, "inversion.method=ddim"))
+    round_trip = from_model_range(decode_latents(bench.source.models.vae, bench.source.clean, 8))
+    assert psnr(ddim.frames["reconstruction"], round_trip) < 40
+    assert bench.keyframes(config(tmp_path, "inversion.method=ddpm"), step=1).ok  # samples with the keyframes' own maps

@@ -283,13 +283,17 @@ class Workbench:
             # the keyframe pass of Alg. 1 run on this step's draw
             joint = replace(settings, mode="extended_all")
             latents = {t: x[keyframes] for t, x in src.source_latents.items()}
+            maps = src.inversion.noise_maps  # DDPM inversion: each keyframe samples with its own rows
+            maps = None if maps is None else {t: z[keyframes] for t, z in maps.items()}
             watch = _StoppableWatch(self, len(src.timesteps), progress)
             edited, _ = edit_video_latents(src.models.unet, src.models.config.schedule, joint, src.prompts, latents,
-                                           src.clean[keyframes], src.timesteps, watch)
+                                           src.clean[keyframes], src.timesteps, watch, noise_maps=maps)
             frames = from_model_range(decode_latents(src.models.vae, edited, cfg.inversion.batch_size))
             image = strip({"source": src.frames[keyframes], "edited jointly": frames}, keyframes)
             lines = [f"step {at}'s keyframes {keyframes} (of {n} frames, one per interval of {settings.keyframe_interval}) "
                      f"edited jointly with extended attention, {settings.method}, every step on these frames"]
+            if cfg.controlnet.name != "none":
+                lines.append("this preview runs without ControlNet; the edit stage applies it")
             return StageResult(_with_warnings(lines, cfg, src.warnings), images={"keyframes": image},
                                frames={"source": src.frames[keyframes], "edited jointly": frames})
 
