@@ -63,13 +63,15 @@ def test_each_edit_option_runs_the_product_once_with_its_overrides(tmp_path, mon
         return real_run_edit(cfg, out_dir)
 
     monkeypatch.setattr(tokenflow.pipeline, "run_edit", run_edit)
-    args = [*TINY, "--sections", "edit", "--edit", "perframe=tokenflow.mode=per_frame", "--edit", "two=steps=2 seed=3",
+    args = [*TINY, "--sections", "edit", "--edit", "perframe=tokenflow.mode=per_frame", "--edit", "two=steps=2 seed=3 inversion.method=ddpm",
             "--markdown", str(tmp_path / "gpu.md")]
     assert gpu_check.main(args) == 0
-    assert [(c.tokenflow.mode, c.steps, c.seed) for c in seen] == [("per_frame", 1, 0), ("tokenflow", 2, 3)]
+    assert [(c.tokenflow.mode, c.steps, c.seed, c.inversion.method) for c in seen] == [
+        ("per_frame", 1, 0, "ddim"), ("tokenflow", 2, 3, "ddpm")]
     table = (tmp_path / "gpu.md").read_text()
     assert "| edit perframe (4 frames" in table and "| edit two (4 frames" in table
     assert "unet_frame_forwards 4" in table  # per_frame, 1 step, 4 frames: run.json's count in the total row
+    assert "| edit two (4 frames 64x64 float32) | DDPM inversion | " in table
 
 
 def test_a_malformed_edit_option_is_one_line(capsys):

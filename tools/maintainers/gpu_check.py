@@ -97,13 +97,16 @@ def check_edit(args, rows: list[Row], name: str = "", extra: tuple[str, ...] = (
         video = str(args.video)
         if video == SAMPLE:  # rendered at the check's size and length, so nothing is read from outside the clone
             video = str(make_sample_clip(Path(tmp) / "sample.mp4", frames=args.frames, size=args.size))
-        facts = run_edit(load_config(edit_overrides(args, video) + list(extra)), Path(tmp) / "run")
+        cfg = load_config(edit_overrides(args, video) + list(extra))
+        facts = run_edit(cfg, Path(tmp) / "run")
+    method = cfg.inversion.method
     notes = {"read_video": f"{facts.frames} frames {facts.size[1]}x{facts.size[0]}", "load_models": "no download",
-             "inversion": f"{args.inversion_steps} steps",
+             "inversion": f"{cfg.inversion.steps if method == 'ddim' else cfg.steps} steps",
              "editing": f"{args.steps} steps, {len(facts.keyframes_per_step[0]) if facts.keyframes_per_step else 0} "
                         "keyframes/step"}
     for stage, seconds in facts.timings_s.items():
-        rows.append(Row(section, STAGES.get(stage, stage), seconds, note=notes.get(stage, "")))
+        what = f"{method.upper()} inversion" if stage == "inversion" else STAGES.get(stage, stage)
+        rows.append(Row(section, what, seconds, note=notes.get(stage, "")))
     peak = facts.peak_memory_mb.get("cuda_allocated")
     counted = {k: v for k, v in vars(facts).items() if k.endswith("forwards") and v}  # run.json's forward counts
     rows.append(Row(section, "total", sum(facts.timings_s.values()), peak, " ".join(extra),
