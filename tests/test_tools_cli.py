@@ -83,7 +83,9 @@ def test_no_tool_writes_outside_outputs_by_default(tool, monkeypatch):
         importlib.import_module(f"tools.{tool}").main(["--help"])
     defaults = {(p.prog, a.dest): a.default for p in made for a in p._actions
                 if a.dest in ("out", "out_dir", "output", "output_dir") and a.default is not None}
-    assert all(str(d).startswith("outputs/") for d in defaults.values()), defaults
+    # the one exception: the screenshot tool's job is to refresh the docs' own tracked images
+    docs_images = {("python -m tools.maintainers.ui_screenshots", "out")}
+    assert all(str(d).startswith("outputs/") for k, d in defaults.items() if k not in docs_images), defaults
 
 
 def test_toy_propagation_writes_under_outputs_by_default(tmp_path, monkeypatch):
