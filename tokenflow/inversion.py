@@ -127,19 +127,33 @@ def _invert_into(result, unet, schedule, clean, prompt, todo, inversion_steps, k
             return out
 
         kept = invert(model_fn, clean[frames], schedule, inversion_steps, keep_timesteps)
-        # one blocking device-to-host copy per batch: [T, b, 4, h, w]; the checks, the result and
-        # the cache files all read this host copy (not one copy per frame and timestep)
-        host = torch.stack([kept[t] for t in keep_timesteps]).cpu()
-        del kept
-        for k, t in enumerate(keep_timesteps):
-            if not torch.isfinite(host[k]).all():
-                raise FloatingPointError(f"inversion: non-finite latents at t={t} for frames {frames}")
-            result[t][frames] = host[k]
-        if cache is not None:
-            for j, i in enumerate(frames):
-                cache.save(i, {t: host[k, j] for k, t in enumerate(keep_timesteps)})
-            cache.release(frames)
-            cache.refresh(todo)
+        _keep_batch(frames, todo, keep_timesteps, cache, kept, result)
+
+
+def _keep_batch(frames: list[int], todo: list[int], timesteps: list[int], cache: InversionCache | None,
+                latents: dict[int, Tensor], into: dict[int, Tensor], maps: dict[int, Tensor] | None = None,
+                maps_into: dict[int, Tensor] | None = None) -> None:
+    """One inverted batch of `frames` ({t: [b, 4, h, w]} on the device, and DDPM's maps) into the
+    run's tensors `into` / `maps_into` ({t: [n, ...]}) and the cache, frame by frame. One blocking
+    device-to-host copy per batch, [T, b, 4, h, w]: the checks, the result and the cache files all
+    read it (not one copy per frame and timestep)."""
+    host = {"latents": torch.stack([latents[t] for t in timesteps]).cpu()}
+    if maps is not None:
+        host["noise maps"] = torch.stack([maps[t] for t in timesteps]).cpu()
+    for what, values in host.items():
+        for k, t in enumerate(timesteps):
+            if not torch.isfinite(values[k]).all():
+                raise FloatingPointError(f"inversion: non-finite {what} at t={t} for frames {frames}")
+    for k, t in enumerate(timesteps):
+        into[t][frames] = host["latents"][k]
+        if maps is not None:
+            maps_into[t][frames] = host["noise maps"][k]
+    if cache is not None:
+        for j, i in enumerate(frames):
+            cache.save(i, {t: host["latents"][k, j] for k, t in enumerate(timesteps)},
+                       noise_maps=None if maps is None else {t: host["noise maps"][k, j] for k, t in enumerate(timesteps)})
+        cache.release(frames)
+        cache.refresh(todo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,19 +244,7 @@ def ddpm_invert_frames(
                                   shared=shared_noise)
             bx, bz = ddpm_invert(counted, clean[frames], schedule, timesteps,
                                  {t: e.to(clean.device) for t, e in noise.items()})
-            host_x = torch.stack([bx[t] for t in timesteps]).cpu()  # [T, b, 4, h, w]: one copy per batch
-            host_z = torch.stack([bz[t] for t in timesteps]).cpu()
-            del bx, bz
-            if not (torch.isfinite(host_x).all() and torch.isfinite(host_z).all()):
-                raise FloatingPointError(f"ddpm inversion: non-finite latents or noise maps for frames {frames}")
-            for k, t in enumerate(timesteps):
-                xs[t][frames], zs[t][frames] = host_x[k], host_z[k]
-            if cache is not None:
-                for j, i in enumerate(frames):
-                    cache.save(i, {t: host_x[k, j] for k, t in enumerate(timesteps)},
-                               noise_maps={t: host_z[k, j] for k, t in enumerate(timesteps)})
-                cache.release(frames)
-                cache.refresh(todo)
+            _keep_batch(frames, todo, timesteps, cache, bx, xs, bz, zs)
 
     def load(i: int) -> None:
         for t, x in cache.load(i).items():
