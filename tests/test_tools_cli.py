@@ -47,10 +47,8 @@ def test_help_runs(tool):
         assert "--models" not in res.stdout and "--config " not in res.stdout  # the old, second ways to pick a model
 
 
-@pytest.mark.parametrize("tool", TOOLS)
-def test_no_tool_takes_an_abbreviated_flag(tool, monkeypatch):
-    """Every parser the tool builds (subcommands too) is made with allow_abbrev=False: `--model`
-    can never be read as the start of some `--models`."""
+def parsers_of(tool: str, monkeypatch) -> list[argparse.ArgumentParser]:
+    """Every argument parser `tools.<tool> --help` builds (subcommands too); --help exits 0."""
     made = []
     real_init = argparse.ArgumentParser.__init__
 
@@ -59,11 +57,17 @@ def test_no_tool_takes_an_abbreviated_flag(tool, monkeypatch):
         made.append(self)
 
     monkeypatch.setattr(argparse.ArgumentParser, "__init__", init)
-    module = importlib.import_module(f"tools.{tool}")
     with pytest.raises(SystemExit) as done:
-        module.main(["--help"])
+        importlib.import_module(f"tools.{tool}").main(["--help"])
     assert done.value.code == 0
-    parsers = [p for p in made if p.prog.startswith(f"python -m tools.{tool}")]
+    return made
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_no_tool_takes_an_abbreviated_flag(tool, monkeypatch):
+    """Every parser the tool builds (subcommands too) is made with allow_abbrev=False: `--model`
+    can never be read as the start of some `--models`."""
+    parsers = [p for p in parsers_of(tool, monkeypatch) if p.prog.startswith(f"python -m tools.{tool}")]
     assert parsers and all(p.allow_abbrev is False for p in parsers), [(p.prog, p.allow_abbrev) for p in parsers]
 
 
@@ -71,17 +75,7 @@ def test_no_tool_takes_an_abbreviated_flag(tool, monkeypatch):
 def test_no_tool_writes_outside_outputs_by_default(tool, monkeypatch):
     """A default output path lies under outputs/ (git ignores it), so a tool run from a clone leaves
     no untracked files beside the code."""
-    made = []
-    real_init = argparse.ArgumentParser.__init__
-
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(argparse.ArgumentParser, "__init__", init)
-    with pytest.raises(SystemExit):
-        importlib.import_module(f"tools.{tool}").main(["--help"])
-    defaults = {(p.prog, a.dest): a.default for p in made for a in p._actions
+    defaults = {(p.prog, a.dest): a.default for p in parsers_of(tool, monkeypatch) for a in p._actions
                 if a.dest in ("out", "out_dir", "output", "output_dir") and a.default is not None}
     # the one exception: the screenshot tool's job is to refresh the docs' own tracked images
     docs_images = {("python -m tools.maintainers.ui_screenshots", "out")}
