@@ -10,6 +10,7 @@ from sampler.ddim import (
     inversion_timesteps,
     predict_x0_and_eps,
     sample,
+    sdedit_first_step,
     sdedit_start,
     state_dtype,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "noisy_versions",
     "predict_x0_and_eps",
     "sample",
+    "sdedit_first_step",
     "sdedit_start",
     "state_dtype",
 ]

@@ -226,6 +226,12 @@ def add_noise(schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, t) -> t
     return (a**0.5).to(x0.dtype) * x0 + ((1 - a) ** 0.5).to(x0.dtype) * noise
 
 
+def sdedit_first_step(n_steps: int, strength: float) -> int:
+    """SDEdit's first step of a grid of n_steps: int(n_steps * strength) steps run, as the reference
+    img2img counts them, so the first (n_steps - that) are skipped (n_steps: none runs)."""
+    return n_steps - min(int(n_steps * strength), n_steps)
+
+
 def sdedit_start(schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, strength: float, timesteps):
     """SDEdit: skip the first (1 - strength) of the sampling steps, noise x0 straight to the
     timestep reached, and denoise from there. strength 1 starts at timesteps[0] (pure noise
@@ -234,10 +240,9 @@ def sdedit_start(schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, stre
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
         raise ValueError(f"sdedit_start: strength must be a number in (0, 1], got {strength!r}")
     ts = _check_grid(schedule, timesteps, "sdedit_start")
-    n = len(ts)
-    n_run = min(int(n * strength), n)
-    if n_run == 0:
-        raise ValueError(f"sdedit_start: strength {strength} of {n} steps leaves no step to run; raise strength")
-    remaining = ts[n - n_run:]
+    first = sdedit_first_step(len(ts), strength)
+    if first == len(ts):
+        raise ValueError(f"sdedit_start: strength {strength} of {len(ts)} steps leaves no step to run; raise strength")
+    remaining = ts[first:]
     x_t = add_noise(schedule, x0, noise, remaining[0])
     return x_t, torch.tensor(remaining, dtype=torch.long)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from sampler.ddim import add_noise, classifier_free_guidance, ddim_step, state_dtype
+from sampler.ddim import add_noise, classifier_free_guidance, ddim_step, sdedit_first_step, state_dtype
 from sampler.ddpm import ddpm_step
 from sampler.schedule import Schedule
 from unet.control import ControlResiduals
@@ -187,16 +187,15 @@ def require_inverted(source_latents: dict[int, Tensor], timesteps: list[int]) ->
 
 def first_step(settings: EditSettings, n_steps: int) -> int:
     """Where in the sampling grid of `n_steps` the edit starts: after the first `skip` steps; SDEdit
-    at the later of that and its strength's step (int(n_steps * strength) steps run, as
-    sampler.sdedit_start)."""
+    at the later of that and its strength's step (sampler.ddim.sdedit_first_step, as sdedit_start)."""
     if settings.skip >= n_steps:
         raise ValueError(f"edit: inversion.skip={settings.skip} skips all {n_steps} sampling steps; at least one must run")
     if settings.method != "sdedit":
         return settings.skip
-    n_run = int(n_steps * settings.sdedit_strength)
-    if n_run == 0:
+    first = sdedit_first_step(n_steps, settings.sdedit_strength)
+    if first == n_steps:
         raise ValueError(f"edit: method.strength={settings.sdedit_strength} of {n_steps} steps leaves no step to run; raise it")
-    return max(settings.skip, n_steps - n_run)
+    return max(settings.skip, first)
 
 
 def edit_start(
